@@ -1,0 +1,119 @@
+"""Read a safetensors checkpoint directory in either published layout, tensor by tensor (memory-mapped)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from safetensors import SafetensorError, safe_open
+
+from convert import layouts
+from convert.layouts import HF, ORIGINAL, LayoutError
+from oss_jax.config import ModelConfig
+
+INDEX = "model.safetensors.index.json"
+
+
+class CheckpointReader:
+    """Tensors of one checkpoint directory by name, with its config and layout ('hf' or 'original')."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise LayoutError(f"{self.path}: not a directory")
+        self.config = ModelConfig.from_file(self.path)
+        self.files = _tensor_files(self.path)
+        names = set(self.files)
+        if "model.embed_tokens.weight" in names or any(n.startswith("model.layers.") for n in names):
+            self.layout = HF
+        elif "embedding.weight" in names or any(n.startswith("block.") for n in names):
+            self.layout = ORIGINAL
+        else:
+            raise LayoutError(f"{self.path}: tensors are neither the HF nor the original gpt-oss layout")
+        self.packed = self.layout == ORIGINAL or any(n.endswith("_blocks") for n in names)
+
+    def expected(self) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+        """name -> (dtype, shape) that config.json implies for this layout."""
+        if self.layout == HF:
+            return layouts.hf_tensors(self.config, packed=self.packed)
+        return layouts.original_tensors(self.config)
+
+    def validate(self) -> None:
+        """Every expected tensor present with the right shape and dtype, nothing else (headers only)."""
+        expected = self.expected()
+        missing = sorted(set(expected) - set(self.files))
+        if missing:
+            raise LayoutError(f"{self.path}: missing tensors {missing[:5]}{'...' if len(missing) > 5 else ''}")
+        for name, file in self.files.items():
+            with _open(file) as f:
+                sl = f.get_slice(name)
+                dtype = _DTYPES.get(sl.get_dtype())
+                if dtype is None:
+                    raise LayoutError(f"{file}: tensor {name!r} has unsupported dtype {sl.get_dtype()}")
+                layouts.check_tensor(name, dtype, tuple(sl.get_shape()), expected, str(file))
+
+    def get(self, name: str) -> np.ndarray:
+        if name not in self.files:
+            raise LayoutError(f"{self.path}: tensor {name!r} not found")
+        with _open(self.files[name]) as f:
+            return f.get_tensor(name)
+
+    def hf_tensors(self) -> Iterator[tuple[str, np.ndarray]]:
+        """All tensors under HF names, one source tensor at a time (the fused qkv yields three)."""
+        for name in sorted(self.files):
+            tensor = self.get(name)
+            if self.layout == HF:
+                yield name, tensor
+            else:
+                yield from layouts.split_original(self.config, name, tensor).items()
+
+
+def load_params(path: str | Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    """A checkpoint directory -> (config, float32 parameters by model name); validates names, shapes, dtypes."""
+    reader = CheckpointReader(path)
+    reader.validate()
+    hf = {name: t for name, t in reader.hf_tensors()}
+    params = {}
+    for rule in layouts.hf_rules(reader.config, packed=reader.packed):
+        sources = [np.asarray(hf[s]) for s in rule.sources]
+        sources = [s if s.dtype == np.uint8 else s.astype(np.float32) for s in sources]
+        params[rule.param] = rule.load(reader.config, *sources)
+    return reader.config, params
+
+
+_DTYPES = {"BF16": layouts.BF16, "U8": layouts.U8, "F32": np.dtype(np.float32), "F16": np.dtype(np.float16)}
+
+
+def _open(file: Path):
+    try:
+        return safe_open(str(file), framework="np")
+    except (SafetensorError, OSError) as e:
+        raise LayoutError(f"{file}: unreadable safetensors file ({e})") from None
+
+
+def _tensor_files(path: Path) -> dict[str, Path]:
+    """Tensor name -> the shard holding it, from the index json when there is one."""
+    index = path / INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise LayoutError(f"{index}: invalid index ({e})") from None
+        for file in set(weight_map.values()):
+            if not (path / file).is_file():
+                raise LayoutError(f"{index}: shard {file!r} does not exist")
+        files = {name: path / file for name, file in weight_map.items()}
+    else:
+        shards = sorted(path.glob("*.safetensors"))
+        if not shards:
+            raise LayoutError(f"{path}: no *.safetensors files and no {INDEX}")
+        files = {}
+        for shard in shards:
+            with _open(shard) as f:
+                for name in f.keys():
+                    if name in files:
+                        raise LayoutError(f"{shard}: tensor {name!r} also in {files[name]}")
+                    files[name] = shard
+    return files

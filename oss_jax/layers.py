@@ -1,0 +1,134 @@
+"""Norm, rotary embedding (YaRN) and attention with sinks.
+
+Dimension letters used in every einsum and shape note of this package:
+  B batch, T query length, S key length, D model width, N query heads, K kv heads,
+  G query heads per kv head (N = K * G), H head dim, E experts, F expert width, V vocab,
+  X flattened tokens (B * T), A token-expert assignments (X * experts_per_token).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from oss_jax.config import ModelConfig
+from oss_jax.params import param
+
+# ------------------------------------------------------------------ RMSNorm
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """[..., D] -> [..., D] float32; the gain multiplies directly (no +1)."""
+    x = x.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+    return x * scale.astype(jnp.float32)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.eps = cfg.rms_norm_eps
+        self.scale = param(rngs, (cfg.hidden_size,), ("embed",), jnp.float32, init="ones")
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return rms_norm(x, self.scale[...], self.eps)
+
+
+# ------------------------------------------------------------------ YaRN RoPE
+
+
+def yarn_inv_freq(cfg: ModelConfig) -> tuple[np.ndarray, float]:
+    """Per-pair inverse frequencies [H/2] (float32) and the YaRN concentration multiplying cos and sin."""
+    h, base, factor = cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_factor
+    freq = base ** (np.arange(0, h, 2, dtype=np.float32) / np.float32(h))
+    if factor <= 1.0:
+        return (1.0 / freq).astype(np.float32), 1.0
+    d_half = h / 2
+    ctx = cfg.initial_context_length
+    # YaRN correction dims, unrounded (both references use them so)
+    low = d_half * math.log(ctx / (cfg.rope_beta_fast * 2 * math.pi)) / math.log(base)
+    high = d_half * math.log(ctx / (cfg.rope_beta_slow * 2 * math.pi)) / math.log(base)
+    ramp = np.clip((np.arange(d_half, dtype=np.float32) - low) / (high - low), 0.0, 1.0)
+    keep = 1.0 - ramp  # 1 = original frequency (extrapolation), 0 = divided by factor
+    inv_freq = (1.0 / (factor * freq)) * (1.0 - keep) + (1.0 / freq) * keep
+    return inv_freq.astype(np.float32), 0.1 * math.log(factor) + 1.0
+
+
+def rope_cos_sin(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """positions [B, T] -> cos, sin [B, T, H/2] float32, concentration applied."""
+    inv_freq, concentration = yarn_inv_freq(cfg)
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    return jnp.cos(angles) * concentration, jnp.sin(angles) * concentration
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, T, ..., H] rotated by half-split pairs (dim i with dim i + H/2); cos/sin [B, T, H/2]."""
+    extra = x.ndim - cos.ndim
+    cos = cos.reshape(cos.shape[:2] + (1,) * extra + cos.shape[2:])
+    sin = sin.reshape(sin.shape[:2] + (1,) * extra + sin.shape[2:])
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+# ------------------------------------------------------------------ attention
+
+
+def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None) -> jax.Array:
+    """q_pos [B, T], k_pos [B, S] -> bool [B, T, S]: causal, and within `window` keys (self included)."""
+    diff = q_pos[:, :, None] - k_pos[:, None, :]
+    mask = diff >= 0
+    if window is not None:
+        mask &= diff < window
+    return mask
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+    """q [B,T,K,G,H], k/v [B,S,K,H], sinks [K,G], mask [B,T,S] -> [B,T,K,G,H] float32.
+
+    The sink logit joins the softmax as one more column and is then dropped: it only enlarges the denominator.
+    """
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
+    sink = jnp.broadcast_to(sinks.astype(jnp.float32)[None, :, :, None, None], scores.shape[:-1] + (1,))
+    combined = jnp.concatenate([scores, sink], axis=-1)
+    probs = jax.nn.softmax(combined, axis=-1)[..., :-1]
+    return jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+
+
+class Attention(nnx.Module):
+    """GQA self-attention with biases, learned sinks, YaRN RoPE and an optional sliding window."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32):
+        d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.cfg, self.window, self.dtype = cfg, cfg.window(layer), dtype
+        self.q_kernel = param(rngs, (d, n, h), ("embed", "q_heads", "head_dim"), dtype)
+        self.q_bias = param(rngs, (n, h), ("q_heads", "head_dim"), jnp.float32, init="zeros")
+        self.k_kernel = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dtype)
+        self.k_bias = param(rngs, (k, h), ("kv_heads", "head_dim"), jnp.float32, init="zeros")
+        self.v_kernel = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dtype)
+        self.v_bias = param(rngs, (k, h), ("kv_heads", "head_dim"), jnp.float32, init="zeros")
+        self.o_kernel = param(rngs, (n, h, d), ("q_heads", "head_dim", "embed"), dtype)
+        self.o_bias = param(rngs, (d,), ("embed",), jnp.float32, init="zeros")
+        self.sinks = param(rngs, (n,), ("q_heads",), jnp.float32, init="zeros")
+
+    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        """x [B, T, D] (normed), positions [B, T] -> [B, T, D] float32."""
+        cfg, dt = self.cfg, self.dtype
+        x = x.astype(dt)
+        q = jnp.einsum("BTD,DNH->BTNH", x, self.q_kernel[...].astype(dt), preferred_element_type=jnp.float32)
+        k = jnp.einsum("BTD,DKH->BTKH", x, self.k_kernel[...].astype(dt), preferred_element_type=jnp.float32)
+        v = jnp.einsum("BTD,DKH->BTKH", x, self.v_kernel[...].astype(dt), preferred_element_type=jnp.float32)
+        q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
+        cos, sin = rope_cos_sin(cfg, positions)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        b, t = q.shape[:2]
+        q = q.reshape(b, t, cfg.num_key_value_heads, cfg.q_per_kv, cfg.head_dim)
+        mask = attention_mask(positions, positions, self.window)
+        sinks = self.sinks[...].reshape(cfg.num_key_value_heads, cfg.q_per_kv)
+        out = attend(q.astype(dt), k.astype(dt), v.astype(dt), sinks, mask, 1.0 / math.sqrt(cfg.head_dim))
+        out = out.reshape(b, t, cfg.num_attention_heads, cfg.head_dim).astype(dt)
+        o = self.o_kernel[...].astype(dt)
+        return jnp.einsum("BTNH,NHD->BTD", out, o, preferred_element_type=jnp.float32) + self.o_bias[...]

@@ -1,0 +1,78 @@
+"""The gpt-oss transformer: embed -> [x += Attn(norm x); x += MoE(norm x)] * L -> norm -> unembed.
+
+Parameter tree (dotted names; shapes in the letters of `oss_jax.layers`):
+  embed [V, D]; final_norm.scale [D]; unembed [V, D]
+  layers.{i}.attn_norm.scale [D]; layers.{i}.mlp_norm.scale [D]
+  layers.{i}.attn.{q_kernel [D,N,H], q_bias [N,H], k_kernel/v_kernel [D,K,H], k_bias/v_bias [K,H],
+                   o_kernel [N,H,D], o_bias [D], sinks [N]}
+  layers.{i}.moe.{router_kernel [D,E], router_bias [E], mlp1_kernel [E,D,2F] (gate/linear interleaved),
+                  mlp1_bias [E,2F], mlp2_kernel [E,F,D], mlp2_bias [E,D]}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from oss_jax.config import ModelConfig
+from oss_jax.layers import Attention, RMSNorm
+from oss_jax.moe import MoE
+from oss_jax.params import assign_params, param
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs, dtype: jnp.dtype):
+        self.attn_norm = RMSNorm(cfg, rngs=rngs)
+        self.attn = Attention(cfg, layer, rngs=rngs, dtype=dtype)
+        self.mlp_norm = RMSNorm(cfg, rngs=rngs)
+        self.moe = MoE(cfg, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        """x [B, T, D] float32 residual stream -> same."""
+        x = x + self.attn(self.attn_norm(x), positions)
+        return x + self.moe(self.mlp_norm(x))
+
+
+class GptOss(nnx.Module):
+    """gpt-oss with parameters in `dtype` (matmul inputs too); norms, softmax and the residual stay float32."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32):
+        self.cfg, self.dtype = cfg, dtype
+        self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype)
+        self.layers = nnx.List([Block(cfg, i, rngs=rngs, dtype=dtype) for i in range(cfg.num_hidden_layers)])
+        self.final_norm = RMSNorm(cfg, rngs=rngs)
+        self.unembed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype)
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+        """tokens [B, T] int -> logits [B, T, V] float32."""
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(jnp.float32)
+        for block in self.layers:
+            x = block(x, positions)
+        x = self.final_norm(x).astype(self.dtype)
+        return jnp.einsum("BTD,VD->BTV", x, self.unembed[...].astype(self.dtype),
+                          preferred_element_type=jnp.float32)
+
+
+def abstract_model(cfg: ModelConfig, dtype: jnp.dtype = jnp.float32) -> GptOss:
+    """The model with shape-only parameters (nothing allocated)."""
+    return nnx.eval_shape(lambda: GptOss(cfg, rngs=nnx.Rngs(0), dtype=dtype))
+
+
+def model_from_params(cfg: ModelConfig, arrays: Mapping[str, np.ndarray | jax.Array],
+                      dtype: jnp.dtype = jnp.float32) -> GptOss:
+    """A model holding exactly `arrays` (dotted names as in this module's docstring), cast to `dtype`."""
+    model = abstract_model(cfg, dtype)
+    assign_params(model, arrays)
+    return model
+
+
+@nnx.jit
+def forward(model: GptOss, tokens: jax.Array) -> jax.Array:
+    """Jitted full-sequence forward: tokens [B, T] -> logits [B, T, V] float32."""
+    return model(tokens)
