@@ -263,6 +263,9 @@ def _validate(c: ModelConfig) -> None:
     bad = sorted(set(c.layer_types) - {SLIDING, FULL})
     if bad:
         raise ConfigError(f"unknown layer types {bad}; expected {SLIDING!r} or {FULL!r}")
+    for name in ("eos_token_id", "pad_token_id"):
+        if not 0 <= getattr(c, name) < c.vocab_size:
+            raise ConfigError(f"{name} {getattr(c, name)} is outside the vocabulary (size {c.vocab_size})")
     if c.rope_scaling_factor < 1.0:
         raise ConfigError(f"rope scaling factor must be >= 1, got {c.rope_scaling_factor}")
     if c.rope_scaling_factor > 1.0 and not c.rope_beta_fast > c.rope_beta_slow > 0:

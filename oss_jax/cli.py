@@ -1,0 +1,154 @@
+"""The `oss-jax` command line: make-checkpoint, parity, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+# Parity bounds of the Foundations issue (float32 vs each reference; bf16 KL vs the reference's own bf16 KL).
+MAX_ABS_BOUND = 1e-4
+KL_RATIO_BOUND = 1.5
+
+
+def _config(name_or_path: str):
+    from configs import preset_path
+    from oss_jax.config import ModelConfig
+
+    return ModelConfig.from_file(preset_path(name_or_path))
+
+
+def cmd_make_checkpoint(args: argparse.Namespace) -> int:
+    from convert.synthetic import make_checkpoint
+
+    cfg = _config(args.config)
+    t0 = time.perf_counter()
+    out = make_checkpoint(cfg, args.out_dir, layout=args.layout, seed=args.seed, packed=not args.dequantized,
+                          overwrite=args.overwrite)
+    size = sum(f.stat().st_size for f in out.iterdir())
+    print(f"wrote a random {args.layout}-layout checkpoint ({cfg.num_hidden_layers} layers, {cfg.num_experts} "
+          f"experts, {size / 1e6:.1f} MB) to {out} in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def parity_verdict(report: dict) -> list[str]:
+    """The bounds a parity report violates (empty when it passes)."""
+    failures = []
+    for ref in ("vs_openai_ref", "vs_hf"):
+        if report[ref]["max_abs"] > MAX_ABS_BOUND:
+            failures.append(f"{ref}: max |Δlogit| {report[ref]['max_abs']:.3g} > {MAX_ABS_BOUND:g}")
+        if report[ref]["top1"] < 1.0:
+            failures.append(f"{ref}: top-1 agreement {report[ref]['top1']:.4f} < 1")
+    bf16 = report.get("bf16")
+    if bf16 and bf16["kl_ours"] > KL_RATIO_BOUND * bf16["kl_ref"]:
+        failures.append(f"bf16: KL ours {bf16['kl_ours']:.3g} > {KL_RATIO_BOUND} x KL ref {bf16['kl_ref']:.3g}")
+    return failures
+
+
+def _print_parity(report: dict) -> None:
+    s = report["shape"]
+    print(f"parity on batch {s['batch']} x {s['seq_len']} tokens, {s['layers']} layers, {s['experts']} experts, "
+          f"vocab {s['vocab']} (reference logit std {report['logit_std']:.2f}), float32:")
+    for key, label in (("vs_openai_ref", "ours vs OpenAI reference"), ("vs_hf", "ours vs HF transformers"),
+                       ("hf_vs_openai_ref", "HF vs OpenAI reference (their own gap)")):
+        r = report[key]
+        print(f"  {label:<40} max |Δlogit| {r['max_abs']:.3e}   top-1 {100 * r['top1']:.1f}%")
+    if "bf16" in report:
+        b = report["bf16"]
+        print(f"  bf16: KL(ref fp32 || ours bf16) {b['kl_ours']:.3e}  vs  KL(ref fp32 || ref bf16) {b['kl_ref']:.3e}")
+
+
+def cmd_parity(args: argparse.Namespace) -> int:
+    from oss_jax.parity import run_parity
+
+    config = None if args.ckpt else _config(args.config)
+    report = run_parity(config=config, ckpt=args.ckpt, seed=args.seed, batch=args.batch, seq_len=args.seq_len,
+                        bf16=not args.no_bf16)
+    failures = parity_verdict(report)
+    report["pass"] = not failures
+    if args.json:
+        print(json.dumps(report))
+    else:
+        _print_parity(report)
+        print("PASS" if not failures else "FAIL:\n  " + "\n  ".join(failures))
+    return 0 if not failures else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import jax.numpy as jnp
+    import numpy as np
+
+    from convert.reader import load_params
+    from convert.synthetic import make_checkpoint
+    from oss_jax.model import forward, model_from_params
+
+    cfg = _config("tiny")
+    out = Path(args.out_dir)
+    print(f"[1/4] writing a tiny random gpt-oss checkpoint in the HF layout (MXFP4 experts) to {out}/hf")
+    hf_dir = make_checkpoint(cfg, out / "hf", layout="hf", seed=0, overwrite=True)
+    print("[2/4] loading it into the Flax model (float32)")
+    cfg, params = load_params(hf_dir)
+    model = model_from_params(cfg, params)
+    print("[3/4] greedy continuation of 8 tokens (random weights: the tokens are meaningless)")
+    tokens = np.array([[200006, 17360, 200008, 3575, 553, 261, 10297, 13, 200007]], np.int32)
+    for _ in range(8):
+        logits = forward(model, jnp.asarray(tokens))
+        tokens = np.concatenate([tokens, np.asarray(logits[:, -1:].argmax(-1), np.int32)], axis=1)
+    print(f"      token ids: {tokens[0].tolist()}")
+    print("[4/4] parity against OpenAI's torch reference and HF transformers on the same files")
+    try:
+        from oss_jax.parity import run_parity
+
+        report = run_parity(ckpt=hf_dir)
+    except ImportError as e:
+        print(f"      skipped: the references are not installed ({e}); see README")
+        return 0
+    _print_parity(report)
+    failures = parity_verdict(report)
+    print("PASS" if not failures else "FAIL:\n  " + "\n  ".join(failures))
+    return 0 if not failures else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="oss-jax", description="gpt-oss in JAX/Flax")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("make-checkpoint", help="write a random gpt-oss checkpoint of any config")
+    m.add_argument("out_dir", type=Path)
+    m.add_argument("--config", required=True, help="preset name (tiny, gpt-oss-20b, ...) or path to a config.json")
+    m.add_argument("--layout", choices=("hf", "original"), default="hf")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--dequantized", action="store_true", help="HF layout with bf16 experts (as save_pretrained)")
+    m.add_argument("--overwrite", action="store_true")
+    m.set_defaults(func=cmd_make_checkpoint)
+
+    q = sub.add_parser("parity", help="compare logits with OpenAI's torch reference and HF transformers")
+    src = q.add_mutually_exclusive_group()
+    src.add_argument("--config", default="tiny", help="preset or config.json: a random checkpoint is generated")
+    src.add_argument("--ckpt", type=Path, help="an existing checkpoint directory (HF or original layout)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--batch", type=int, default=2)
+    q.add_argument("--seq-len", type=int, default=None, help="default: sliding window + 13")
+    q.add_argument("--no-bf16", action="store_true", help="skip the bf16 KL comparison")
+    q.add_argument("--json", action="store_true", help="print the measured numbers as JSON")
+    q.set_defaults(func=cmd_parity)
+
+    d = sub.add_parser("demo", help="tiny checkpoint -> Flax model -> tokens -> parity report")
+    d.add_argument("--out-dir", default="oss-jax-demo")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"oss-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,596 @@
+"""Op-level tests: MXFP4 codec, YaRN RoPE, sliding mask, sinks, router and MoE, SwiGLU.
+
+Expected values come from hand computation, independent numpy formulas, or the reference implementations
+(OpenAI's `gpt_oss.torch`, HF transformers); never from the code under test.
+"""
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from oss_jax import mxfp4
+from oss_jax.config import ModelConfig
+from oss_jax.layers import apply_rope, attend, attention_mask, rope_cos_sin, yarn_inv_freq
+from oss_jax.moe import MoE, route, swiglu
+from oss_jax.params import flat_params
+
+ROOT = Path(__file__).resolve().parent.parent
+CFG_20B = ROOT / "configs" / "gpt-oss-20b.json"
+
+
+@pytest.fixture(scope="module")
+def cfg_20b():
+    return ModelConfig.from_file(CFG_20B)
+
+
+def _random_mxfp4(rng, shape, scale_lo=0, scale_hi=256):
+    """Random blocks uint8 [*shape, 16] and scales uint8 [*shape] with scales in [scale_lo, scale_hi)."""
+    blocks = rng.integers(0, 256, size=(*shape, 16), dtype=np.uint8)
+    scales = rng.integers(scale_lo, scale_hi, size=shape).astype(np.uint8)
+    return blocks, scales
+
+
+# ------------------------------------------------------------------ MXFP4 decode
+
+
+def test_mxfp4_decode_hand_built_bytes():
+    blocks = np.zeros((2, 2, 16), np.uint8)
+    scales = np.array([[127, 128], [125, 127]], np.uint8)  # x1, x2 / x1/4, x1
+    # row 0, group 0 (x1)
+    blocks[0, 0, 0] = 0x21  # elem 0 = code 1 (+0.5), elem 1 = code 2 (+1.0)
+    blocks[0, 0, 1] = 0xF8  # elem 2 = code 8 (-0.0), elem 3 = code 15 (-6)
+    blocks[0, 0, 2] = 0x7A  # elem 4 = code 10 (-1.0), elem 5 = code 7 (+6)
+    # row 0, group 1 (x2)
+    blocks[0, 1, 0] = 0x43  # elem 32 = code 3 (1.5 * 2 = 3), elem 33 = code 4 (2 * 2 = 4)
+    blocks[0, 1, 15] = 0x9D  # elem 62 = code 13 (-3 * 2 = -6), elem 63 = code 9 (-0.5 * 2 = -1)
+    # row 1, group 0 (x1/4)
+    blocks[1, 0, 0] = 0x5E  # elem 0 = code 14 (-4 / 4 = -1), elem 1 = code 5 (3 / 4 = 0.75)
+    blocks[1, 0, 7] = 0x06  # elem 14 = code 6 (4 / 4 = 1), elem 15 = code 0 (0)
+    # row 1, group 1 (x1): every byte 0xBB -> every element code 11 (-1.5)
+    blocks[1, 1, :] = 0xBB
+
+    expected = np.zeros((2, 64), np.float32)
+    expected[0, :6] = [0.5, 1.0, -0.0, -6.0, -1.0, 6.0]
+    expected[0, 32:34] = [3.0, 4.0]
+    expected[0, 62:64] = [-6.0, -1.0]
+    expected[1, :2] = [-1.0, 0.75]
+    expected[1, 14] = 1.0
+    expected[1, 32:64] = -1.5
+
+    out = mxfp4.decode(blocks, scales)
+    assert out.dtype == np.float32 and out.shape == (2, 64)
+    np.testing.assert_array_equal(out, expected)
+    assert np.signbit(out[0, 2]), "code 8 must decode to -0.0"
+    assert not np.signbit(out[1, 15])
+
+
+def _reference_dequantize(blocks: np.ndarray, scales: np.ndarray, tmp_path: Path) -> np.ndarray:
+    """OpenAI's own dequantizer: gpt_oss.torch.weights.Checkpoint._get_mxfp4_tensor on a real safetensors file."""
+    from safetensors.torch import save_file
+
+    from gpt_oss.torch.weights import Checkpoint
+
+    save_file({"w.blocks": torch.from_numpy(blocks), "w.scales": torch.from_numpy(scales)},
+              str(tmp_path / "w.safetensors"))
+    ckpt = Checkpoint(str(tmp_path), torch.device("cpu"))
+    return ckpt._get_mxfp4_tensor("w.blocks", "w.scales", dtype=torch.float32).numpy()
+
+
+def test_mxfp4_decode_matches_reference_bit_exact(tmp_path):
+    rng = np.random.default_rng(0)
+    blocks, scales = _random_mxfp4(rng, (3, 5, 4), scale_lo=0, scale_hi=255)
+    expected = _reference_dequantize(blocks, scales, tmp_path)
+    out = mxfp4.decode(blocks, scales)
+    assert out.shape == expected.shape == (3, 5, 128)
+    # bit-equal (same signed zeros, same infinities for scales that overflow float32)
+    np.testing.assert_array_equal(out.view(np.uint32), expected.view(np.uint32))
+
+
+def test_mxfp4_decode_matches_reference_lut_formula():
+    """The reference's FP4_VALUES table + ldexp (as `_get_mxfp4_tensor_copy` does it), in torch."""
+    from gpt_oss.torch.weights import FP4_VALUES
+
+    rng = np.random.default_rng(1)
+    blocks, scales = _random_mxfp4(rng, (7, 3), scale_lo=90, scale_hi=160)
+    b = torch.from_numpy(blocks)
+    codes = torch.stack((b & 0x0F, b >> 4), dim=-1).reshape(7, 3, 32).long()
+    exp = torch.from_numpy(scales).to(torch.int32) - 127
+    expected = torch.ldexp(torch.tensor(FP4_VALUES, dtype=torch.float32)[codes], exp[..., None]).reshape(7, 96)
+    out = mxfp4.decode(blocks, scales)
+    np.testing.assert_array_equal(out.view(np.uint32), expected.numpy().view(np.uint32))
+
+
+def test_mxfp4_decode_rejects_bad_inputs():
+    blocks = np.zeros((2, 3, 16), np.uint8)
+    scales = np.full((2, 3), 127, np.uint8)
+    with pytest.raises(TypeError):
+        mxfp4.decode(blocks.astype(np.int8), scales)
+    with pytest.raises(TypeError):
+        mxfp4.decode(blocks, scales.astype(np.int32))
+    with pytest.raises(ValueError):
+        mxfp4.decode(np.zeros((2, 3, 15), np.uint8), scales)  # 15 bytes per group
+    with pytest.raises(ValueError):
+        mxfp4.decode(blocks, np.full((2, 4), 127, np.uint8))  # group count mismatch
+    with pytest.raises(ValueError):
+        mxfp4.decode(blocks, np.full((3, 3), 127, np.uint8))  # leading dims mismatch
+
+
+# ------------------------------------------------------------------ MXFP4 encode
+
+
+def test_mxfp4_encode_hand_built_values():
+    """Scale = smallest power of two bringing max |x| within 6; ties go to the even code."""
+    group = np.zeros(32, np.float32)
+    group[:10] = [6.0, 0.25, 1.25, 1.75, 2.5, 3.5, 5.0, -5.0, -0.75, -6.0]
+    # nearest fp4 (ties to even code): 0.25 -> 0 (code 0), 1.25 -> 1 (code 2), 1.75 -> 2 (code 4),
+    # 2.5 -> 2 (code 4), 3.5 -> 4 (code 6), 5 -> 4 (code 6), -5 -> -4 (code 14), -0.75 -> -1 (code 10)
+    blocks, scales = mxfp4.encode(group[None])
+    assert blocks.dtype == np.uint8 and scales.dtype == np.uint8
+    assert blocks.shape == (1, 1, 16) and scales.shape == (1, 1)
+    assert scales[0, 0] == 127
+    expected_bytes = np.zeros(16, np.uint8)
+    expected_bytes[:5] = [0x07, 0x42, 0x64, 0xE6, 0xFA]  # code pairs (7,0) (2,4) (4,6) (6,14) (10,15)
+    np.testing.assert_array_equal(blocks[0, 0], expected_bytes)
+
+    # same pattern times 2^-3 and times 2^5: only the scale moves
+    for shift in (-3, 5):
+        b, s = mxfp4.encode(np.ldexp(group, shift)[None])
+        np.testing.assert_array_equal(b[0, 0], expected_bytes)
+        assert s[0, 0] == 127 + shift
+
+    # max |x| = 7 does not fit 6 * 2^0, so the scale is 2^1 and 7/2 = 3.5 rounds (tie) to 4 -> 8
+    b, s = mxfp4.encode(np.array([[7.0] + [0.0] * 31], np.float32))
+    assert s[0, 0] == 128 and b[0, 0, 0] == 0x06
+    # an all-zero group decodes to zeros
+    b, s = mxfp4.encode(np.zeros((1, 32), np.float32))
+    np.testing.assert_array_equal(mxfp4.decode(b, s), np.zeros((1, 32), np.float32))
+
+
+def test_mxfp4_encode_decode_roundtrip_is_exact():
+    rng = np.random.default_rng(2)
+    blocks, scales = _random_mxfp4(rng, (4, 6, 5), scale_lo=100, scale_hi=151)
+    values = mxfp4.decode(blocks, scales)
+    b2, s2 = mxfp4.encode(values)
+    assert b2.shape == blocks.shape and s2.shape == scales.shape
+    again = mxfp4.decode(b2, s2)
+    np.testing.assert_array_equal(again, values)  # == (so -0.0 may come back as +0.0)
+
+
+def test_mxfp4_encode_error_is_within_half_a_grid_step():
+    rng = np.random.default_rng(3)
+    # groups of very different magnitudes: 6 rows x 4 groups, each group scaled by 10^u, u in [-3, 3]
+    x = rng.standard_normal((6, 4, 32)) * 10.0 ** rng.uniform(-3, 3, size=(6, 4, 1))
+    x[0, 0, 5] = 0.0
+    x = x.astype(np.float32).reshape(6, 128)
+    blocks, scales = mxfp4.encode(x)
+    dec = mxfp4.decode(blocks, scales).astype(np.float64)
+
+    xg = x.astype(np.float64).reshape(6, 4, 32)
+    step = np.ldexp(1.0, scales.astype(np.int64) - 127)[..., None]  # group scale 2^(s-127)
+    amax = np.abs(xg).max(-1, keepdims=True)
+    assert np.all(amax <= 6 * step), "group max must fit in 6 * scale"
+    assert np.all(amax > 3 * step), "scale must be the smallest power of two that fits"
+
+    grid = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6], np.float64)
+    grid = np.concatenate([-grid[::-1], grid])
+    nearest = np.abs(xg[..., None] / step[..., None] - grid).min(-1) * step  # distance to nearest grid point
+    err = np.abs(dec.reshape(6, 4, 32) - xg)
+    rel = (err / amax).max()
+    print(f"max |err - nearest grid distance| = {np.abs(err - nearest).max():.3e}; "
+          f"max err / group amax = {rel:.4f} (bound 1/3)")
+    np.testing.assert_allclose(err, nearest, rtol=0, atol=1e-12 * float(amax.max()))
+    # half of the widest step (2 between 4 and 6) at the group scale, relative to amax > 3 * scale
+    assert rel <= 1.0 / 3.0
+    assert np.all(err <= 1.0 * step)
+
+
+def test_mxfp4_encode_rejects_bad_inputs():
+    with pytest.raises(ValueError):
+        mxfp4.encode(np.zeros((2, 33), np.float32))
+    with pytest.raises(ValueError):
+        mxfp4.encode(np.zeros((2, 16), np.float32))
+    for bad in (np.nan, np.inf, -np.inf):
+        x = np.zeros((2, 64), np.float32)
+        x[1, 40] = bad
+        with pytest.raises(ValueError):
+            mxfp4.encode(x)
+
+
+# ------------------------------------------------------------------ YaRN RoPE
+
+
+def _reference_rope(cfg: ModelConfig):
+    from gpt_oss.torch.model import RotaryEmbedding
+
+    return RotaryEmbedding(cfg.head_dim, cfg.rope_theta, torch.float32,
+                           initial_context_length=cfg.initial_context_length,
+                           scaling_factor=cfg.rope_scaling_factor, ntk_alpha=cfg.rope_beta_slow,
+                           ntk_beta=cfg.rope_beta_fast)
+
+
+@pytest.mark.parametrize("which", ["tiny", "20b"])
+def test_yarn_inv_freq_matches_reference(which, tiny_config, cfg_20b):
+    cfg = tiny_config if which == "tiny" else cfg_20b
+    ref_conc, ref_inv = _reference_rope(cfg)._compute_concentration_and_inv_freq()
+    inv, conc = yarn_inv_freq(cfg)
+    assert inv.dtype == np.float32 and inv.shape == (cfg.head_dim // 2,)
+    err = np.abs(inv / ref_inv.numpy() - 1).max()
+    print(f"{which}: max relative inv_freq error vs gpt_oss reference = {err:.3e}")
+    np.testing.assert_allclose(inv, ref_inv.numpy(), rtol=1e-6, atol=0)
+    assert conc == pytest.approx(ref_conc, rel=1e-12)
+
+
+@pytest.mark.parametrize("which", ["tiny", "20b"])
+def test_rope_cos_sin_matches_reference(which, tiny_config, cfg_20b):
+    cfg = tiny_config if which == "tiny" else cfg_20b
+    t, offset = 300, 57
+    ref_cos, ref_sin = (a.numpy() for a in _reference_rope(cfg)._compute_cos_sin(t + offset))
+    positions = jnp.stack([jnp.arange(t), jnp.arange(t) + offset]).astype(jnp.int32)  # [B=2, T]
+    cos, sin = rope_cos_sin(cfg, positions)
+    assert cos.shape == sin.shape == (2, t, cfg.head_dim // 2)
+    expected_cos = np.stack([ref_cos[:t], ref_cos[offset:]])
+    expected_sin = np.stack([ref_sin[:t], ref_sin[offset:]])
+    err = max(np.abs(np.asarray(cos) - expected_cos).max(), np.abs(np.asarray(sin) - expected_sin).max())
+    print(f"{which}: max |cos/sin error| vs gpt_oss reference = {err:.3e}")
+    np.testing.assert_allclose(np.asarray(cos), expected_cos, rtol=0, atol=2e-6)
+    np.testing.assert_allclose(np.asarray(sin), expected_sin, rtol=0, atol=2e-6)
+
+
+def test_yarn_spec_facts_20b(cfg_20b):
+    inv, conc = yarn_inv_freq(cfg_20b)
+    assert conc == pytest.approx(0.1 * math.log(32) + 1, rel=1e-12)
+    assert conc == pytest.approx(1.34657, abs=1e-5)
+
+    # independent float64 YaRN formula with the unrounded correction dims
+    d_half, base, ctx = 32, 150000.0, 4096
+    low = d_half * math.log(ctx / (32 * 2 * math.pi)) / math.log(base)
+    high = d_half * math.log(ctx / (1 * 2 * math.pi)) / math.log(base)
+    assert low == pytest.approx(8.0928, abs=1e-4) and high == pytest.approx(17.3980, abs=1e-4)
+    i = np.arange(d_half, dtype=np.float64)
+    plain = base ** (-2 * i / 64)
+    keep = 1 - np.clip((i - low) / (high - low), 0, 1)
+    expected = plain * keep + plain / 32 * (1 - keep)
+    err = np.abs(inv / expected - 1).max()
+    print(f"max relative inv_freq error vs float64 YaRN formula = {err:.3e}")
+    np.testing.assert_allclose(inv, expected, rtol=1e-6)
+
+    # dims 0..8 keep the original frequency exactly, dims >= 18 are exactly divided by 32, the rest blend
+    plain32, conc1 = yarn_inv_freq(dataclasses.replace(cfg_20b, rope_scaling_factor=1.0))
+    assert conc1 == 1.0
+    np.testing.assert_allclose(plain32, plain, rtol=1e-6)
+    np.testing.assert_array_equal(inv[:9], plain32[:9])
+    np.testing.assert_array_equal(inv[18:] * np.float32(32), plain32[18:])
+    assert np.all(inv[9:18] < plain32[9:18]) and np.all(inv[9:18] > plain32[9:18] / 32)
+
+
+def test_yarn_matches_transformers(cfg_20b):
+    """HF transformers' YaRN: ROPE_INIT_FUNCTIONS['yarn'](config, device) -> (inv_freq, attention_factor)."""
+    import transformers
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf_config = transformers.GptOssConfig(**json.loads(CFG_20B.read_text()))
+    hf_inv, hf_factor = ROPE_INIT_FUNCTIONS["yarn"](hf_config, None)
+    inv, conc = yarn_inv_freq(cfg_20b)
+    err = np.abs(inv / hf_inv.numpy() - 1).max()
+    print(f"max relative inv_freq error vs transformers YaRN = {err:.3e}")
+    np.testing.assert_allclose(inv, hf_inv.numpy(), rtol=1e-6)
+    assert conc == pytest.approx(hf_factor, rel=1e-12)
+
+
+def test_apply_rope_matches_reference_half_split(tiny_config):
+    from gpt_oss.torch.model import _apply_rotary_emb
+
+    cfg, t = tiny_config, 11
+    x = np.random.default_rng(4).standard_normal((t, cfg.num_attention_heads, cfg.head_dim)).astype(np.float32)
+    ref_cos, ref_sin = _reference_rope(cfg)._compute_cos_sin(t)
+    expected = _apply_rotary_emb(torch.from_numpy(x), ref_cos, ref_sin).numpy()
+    cos, sin = rope_cos_sin(cfg, jnp.arange(t, dtype=jnp.int32)[None])
+    out = np.asarray(apply_rope(jnp.asarray(x)[None], cos, sin))[0]
+    print(f"apply_rope max error vs reference = {np.abs(out - expected).max():.3e}")
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------ sliding mask
+
+
+def test_sliding_mask_window_128():
+    t = 300
+    pos = jnp.arange(t, dtype=jnp.int32)[None]
+    mask = np.asarray(attention_mask(pos, pos, 128))
+    assert mask.shape == (1, t, t) and mask.dtype == np.bool_
+    m = mask[0]
+    assert m[0].sum() == 1 and m[0, 0]
+    for q in range(t):
+        visible = np.flatnonzero(m[q])
+        expected = np.arange(max(0, q - 127), q + 1)
+        np.testing.assert_array_equal(visible, expected)
+    assert np.all(m[127:].sum(-1) == 128)
+    assert not np.any(np.triu(m, k=1)), "no future keys"
+
+
+def test_sliding_mask_full_causal_and_offsets():
+    t = 300
+    pos = jnp.arange(t, dtype=jnp.int32)[None]
+    full = np.asarray(attention_mask(pos, pos, None))[0]
+    np.testing.assert_array_equal(full, np.tril(np.ones((t, t), bool)))
+    # one decode query at position 299 against 300 cached keys, batch of 2 with different key positions
+    q_pos = jnp.array([[299], [10]], jnp.int32)
+    k_pos = jnp.stack([jnp.arange(t), jnp.arange(t)]).astype(jnp.int32)
+    m = np.asarray(attention_mask(q_pos, k_pos, 128))
+    assert m.shape == (2, 1, t)
+    np.testing.assert_array_equal(np.flatnonzero(m[0, 0]), np.arange(172, 300))
+    np.testing.assert_array_equal(np.flatnonzero(m[1, 0]), np.arange(0, 11))
+    # window 1 = only itself
+    np.testing.assert_array_equal(np.asarray(attention_mask(pos, pos, 1))[0], np.eye(t, dtype=bool))
+
+
+# ------------------------------------------------------------------ attention with sinks
+
+
+B, T, S, K, G, H = 2, 3, 5, 4, 6, 8  # every dim different
+
+
+def _attn_inputs(seed=5):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((B, T, K, G, H))
+    k = rng.standard_normal((B, S, K, H))
+    v = rng.standard_normal((B, S, K, H))
+    q_pos = np.arange(S - T, S)[None].repeat(B, 0)  # the last T positions of S (chunked prefill)
+    k_pos = np.arange(S)[None].repeat(B, 0)
+    diff = q_pos[:, :, None] - k_pos[:, None, :]
+    mask = (diff >= 0) & (diff < 4)  # causal, window 4
+    mask[1, 0, :] &= np.arange(S) != 2  # an irregular hole in batch 1
+    return q, k, v, mask
+
+
+def _numpy_scores(q, k, mask, scale):
+    """[B, K, G, T, S] float64 scaled scores, -inf where masked."""
+    s = np.einsum("btkgh,bskh->bkgts", q, k) * scale
+    return np.where(mask[:, None, None], s, -np.inf)
+
+
+def _numpy_attend(q, k, v, sinks, mask, scale):
+    """Softmax over [scores | sink] with the sink column dropped, in float64."""
+    s = _numpy_scores(q, k, mask, scale)
+    sink = np.broadcast_to(sinks[None, :, :, None, None], s.shape[:-1] + (1,))
+    full = np.concatenate([s, sink], axis=-1)
+    full = np.exp(full - full.max(-1, keepdims=True))
+    probs = (full / full.sum(-1, keepdims=True))[..., :-1]
+    return np.einsum("bkgts,bskh->btkgh", probs, v)
+
+
+def _jax_attend(q, k, v, sinks, mask, scale):
+    f32 = jnp.float32
+    out = attend(jnp.asarray(q, f32), jnp.asarray(k, f32), jnp.asarray(v, f32), jnp.asarray(sinks, f32),
+                 jnp.asarray(mask), scale)
+    return np.asarray(out)
+
+
+def test_attend_matches_numpy_with_sinks():
+    q, k, v, mask = _attn_inputs()
+    sinks = np.random.default_rng(6).standard_normal((K, G))
+    scale = 1 / math.sqrt(H)
+    out = _jax_attend(q, k, v, sinks, mask, scale)
+    assert out.shape == (B, T, K, G, H) and out.dtype == np.float32
+    expected = _numpy_attend(q, k, v, sinks, mask, scale)
+    print(f"attend max error vs numpy = {np.abs(out - expected).max():.3e}")
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("sink", [-np.inf, -1e9])
+def test_attend_very_negative_sinks_is_plain_softmax(sink):
+    q, k, v, mask = _attn_inputs()
+    scale = 0.37
+    s = _numpy_scores(q, k, mask, scale)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    plain = np.einsum("bkgts,bskh->btkgh", p / p.sum(-1, keepdims=True), v)
+    out = _jax_attend(q, k, v, np.full((K, G), sink), mask, scale)
+    print(f"sink={sink}: max error vs plain softmax attention = {np.abs(out - plain).max():.3e}")
+    np.testing.assert_allclose(out, plain, rtol=0, atol=1e-5)
+
+
+def test_attend_sink_only_enlarges_denominator():
+    q, k, v, mask = _attn_inputs()
+    scale = 1 / math.sqrt(H)
+    sinks = np.linspace(0.5, 4.0, K * G).reshape(K, G)  # a different, sizeable sink per head
+    s = _numpy_scores(q, k, mask, scale)
+    z = np.exp(s).sum(-1)  # [B, K, G, T], unshifted partition function over keys
+    shrink = (z / (z + np.exp(sinks)[None, :, :, None])).transpose(0, 3, 1, 2)[..., None]  # [B, T, K, G, 1]
+    plain = _jax_attend(q, k, v, np.full((K, G), -np.inf), mask, scale)
+    out = _jax_attend(q, k, v, sinks, mask, scale)
+    print(f"sinked = plain * Z/(Z+e^sink): max error {np.abs(out - plain * shrink).max():.3e}; "
+          f"shrink factors in [{shrink.min():.3f}, {shrink.max():.3f}]")
+    np.testing.assert_allclose(out, plain * shrink, rtol=0, atol=1e-5)
+    assert shrink.max() < 0.99
+    norm_ratio = np.linalg.norm(out, axis=-1) / np.linalg.norm(plain, axis=-1)
+    np.testing.assert_allclose(norm_ratio, shrink[..., 0], rtol=1e-4)
+
+
+def test_attend_fully_masked_query_gives_zeros():
+    q, k, v, mask = _attn_inputs()
+    mask[0, 1, :] = False
+    out = _jax_attend(q, k, v, np.zeros((K, G)), mask, 0.3)
+    assert np.all(np.isfinite(out))
+    np.testing.assert_array_equal(out[0, 1], 0.0)
+
+
+def test_attend_with_mask_matches_reference_sdpa(tiny_config):
+    """Self-attention through `attention_mask` + `attend` == gpt_oss.torch sdpa (sliding and full)."""
+    from gpt_oss.torch.model import sdpa
+
+    cfg, t = tiny_config, 13
+    kv, g, h = cfg.num_key_value_heads, cfg.q_per_kv, cfg.head_dim
+    rng = np.random.default_rng(7)
+    q = rng.standard_normal((t, kv, g, h)).astype(np.float32)
+    k = rng.standard_normal((t, kv, h)).astype(np.float32)
+    v = rng.standard_normal((t, kv, h)).astype(np.float32)
+    sinks = rng.standard_normal(kv * g).astype(np.float32)
+    scale = 1 / math.sqrt(h)
+    pos = jnp.arange(t, dtype=jnp.int32)[None]
+    for layer in (0, 1):
+        window = cfg.window(layer)
+        ref = sdpa(*(torch.from_numpy(a) for a in (q, k, v, sinks)), scale, window or 0).numpy()
+        out = attend(jnp.asarray(q)[None], jnp.asarray(k)[None], jnp.asarray(v)[None],
+                     jnp.asarray(sinks).reshape(kv, g), attention_mask(pos, pos, window), scale)
+        out = np.asarray(out)[0].reshape(t, -1)
+        print(f"window={window}: max error vs reference sdpa = {np.abs(out - ref).max():.3e}")
+        np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------ router
+
+
+def test_route_topk_then_softmax_hand_case():
+    logits = jnp.array([[3.0, 1.0, 0.0, 2.0, -1.0, 5.0],
+                        [0.0, 0.0, 9.0, 1.0, 8.0, -2.0]], jnp.float32)
+    ids, weights = route(logits, 2)
+    assert ids.dtype == jnp.int32 and ids.shape == (2, 2) and weights.shape == (2, 2)
+    np.testing.assert_array_equal(np.asarray(ids), [[5, 0], [2, 4]])
+    # both rows: top-2 logits differ by 1 or 2 -> weights 1/(1+e^-d), 1/(1+e^d)
+    expected = np.array([[1 / (1 + math.exp(-2)), 1 / (1 + math.exp(2))],
+                         [1 / (1 + math.exp(-1)), 1 / (1 + math.exp(1))]])
+    np.testing.assert_allclose(np.asarray(weights), expected, rtol=1e-6)
+    # softmax over all experts then taking the top-2 would give e.g. 0.8360 + 0.1131 for row 0
+    all_softmax = np.exp([3.0, 1.0, 0.0, 2.0, -1.0, 5.0]) / np.exp([3.0, 1.0, 0.0, 2.0, -1.0, 5.0]).sum()
+    assert abs(float(weights[0, 0]) - all_softmax[5]) > 0.04
+
+
+def test_route_random_matches_numpy():
+    x, e, k = 9, 12, 4
+    logits = np.random.default_rng(8).standard_normal((x, e)).astype(np.float32)
+    ids, weights = route(jnp.asarray(logits), k)
+    expected_ids = np.argsort(-logits, axis=-1)[:, :k]
+    top = np.take_along_axis(logits, expected_ids, -1).astype(np.float64)
+    expected_w = np.exp(top) / np.exp(top).sum(-1, keepdims=True)
+    np.testing.assert_array_equal(np.asarray(ids), expected_ids)
+    print(f"route weights max error = {np.abs(np.asarray(weights) - expected_w).max():.3e}")
+    np.testing.assert_allclose(np.asarray(weights), expected_w, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(weights).sum(-1), 1.0, rtol=1e-6)
+    # and not softmax(all)[top-k]: those sum to less than 1
+    sm_all = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    assert np.abs(np.take_along_axis(sm_all, expected_ids, -1) - expected_w).max() > 0.05
+
+
+# ------------------------------------------------------------------ MoE
+
+
+def _set(module: nnx.Module, **values: np.ndarray) -> None:
+    params = flat_params(module)
+    for name, value in values.items():
+        assert params[name].shape == value.shape, (name, params[name].shape, value.shape)
+        params[name].set_value(jnp.asarray(value, jnp.float32))
+
+
+def test_router_bias_steers_every_token(tiny_config):
+    """Expert e's mlp2 bias = one-hot(e) and zero expert weights: the MoE output's first E columns are the
+    dense routing weights, so routing is observable through MoE.__call__ itself."""
+    cfg = tiny_config
+    d, e, f = cfg.hidden_size, cfg.num_experts, cfg.intermediate_size
+    moe = MoE(cfg, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(9)
+    router = rng.standard_normal((d, e)) * 0.3
+    _set(moe, router_kernel=router, router_bias=np.zeros(e), mlp2_kernel=np.zeros((e, f, d)),
+         mlp2_bias=np.eye(e, d), mlp1_kernel=rng.standard_normal((e, d, 2 * f)))
+    x = rng.standard_normal((2, 7, d)).astype(np.float32)
+
+    def dense_weights():
+        out = np.asarray(moe(jnp.asarray(x))).reshape(-1, d)
+        assert np.all(out[:, e:] == 0)
+        return out[:, :e]
+
+    before = dense_weights()
+    # independent routing: top-4 logits, softmax over them
+    logits = x.reshape(-1, d).astype(np.float64) @ router
+    top = np.argsort(-logits, -1)[:, :cfg.experts_per_token]
+    expected = np.zeros_like(logits)
+    tl = np.take_along_axis(logits, top, -1)
+    np.put_along_axis(expected, top, np.exp(tl) / np.exp(tl).sum(-1, keepdims=True), -1)
+    print(f"dense routing weights max error = {np.abs(before - expected).max():.3e}")
+    np.testing.assert_allclose(before, expected, atol=1e-5)
+
+    j = 7
+    assert np.any(before[:, j] == 0), "some tokens must not pick expert j without the bias"
+    bias = np.zeros(e)
+    bias[j] = 20.0
+    _set(moe, router_bias=bias)
+    after = dense_weights()
+    assert np.all(after[:, j] > 0.99), after[:, j]
+    assert np.all((after > 0).sum(-1) == cfg.experts_per_token)
+
+
+def _numpy_moe(x, p, cfg):
+    """SPEC MoE in float64: x [X, D] -> [X, D], plus the clamp hit counts (gate > limit, |linear| > limit)."""
+    logits = x @ p["router_kernel"] + p["router_bias"]
+    k = cfg.experts_per_token
+    ids = np.argsort(-logits, -1)[:, :k]
+    top = np.take_along_axis(logits, ids, -1)
+    w = np.exp(top - top.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    h = np.einsum("xd,xkdf->xkf", x, p["mlp1_kernel"][ids]) + p["mlp1_bias"][ids]  # [X, k, 2F]
+    gate, linear = h[..., 0::2], h[..., 1::2]
+    hits = (int((gate > cfg.swiglu_limit).sum()), int((np.abs(linear) > cfg.swiglu_limit).sum()))
+    gate = np.minimum(gate, cfg.swiglu_limit)
+    linear = np.clip(linear, -cfg.swiglu_limit, cfg.swiglu_limit)
+    act = gate / (1 + np.exp(-cfg.swiglu_alpha * gate)) * (linear + 1)
+    y = np.einsum("xkf,xkfd->xkd", act, p["mlp2_kernel"][ids]) + p["mlp2_bias"][ids]
+    return np.einsum("xkd,xk->xd", y, w), hits
+
+
+def test_moe_matches_numpy_spec(tiny_config):
+    cfg = tiny_config
+    d, e, f = cfg.hidden_size, cfg.num_experts, cfg.intermediate_size
+    moe = MoE(cfg, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(10)
+    p = {
+        "router_kernel": rng.standard_normal((d, e)) * 0.5,
+        "router_bias": rng.standard_normal(e),
+        "mlp1_kernel": rng.standard_normal((e, d, 2 * f)) * 0.6,
+        "mlp1_bias": rng.standard_normal((e, 2 * f)),
+        "mlp2_kernel": rng.standard_normal((e, f, d)) * 0.02,
+        "mlp2_bias": rng.standard_normal((e, d)),
+    }
+    p = {name: v.astype(np.float32).astype(np.float64) for name, v in p.items()}
+    _set(moe, **p)
+    x = rng.standard_normal((2, 5, d)).astype(np.float32)
+
+    out = np.asarray(moe(jnp.asarray(x)))
+    assert out.shape == (2, 5, d) and out.dtype == np.float32
+    expected, (gate_hits, linear_hits) = _numpy_moe(x.reshape(-1, d).astype(np.float64), p, cfg)
+    assert gate_hits > 0 and linear_hits > 0, "the test must exercise both clamps"
+    err = np.abs(out.reshape(-1, d) - expected).max()
+    print(f"MoE max abs error vs numpy SPEC = {err:.3e} (output max {np.abs(expected).max():.2f}; "
+          f"clamped gates {gate_hits}, clamped linears {linear_hits})")
+    np.testing.assert_allclose(out.reshape(-1, d), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_swiglu_clamps_hand_values():
+    limit, alpha = 7.0, 1.702
+    # (gate, linear) pairs, interleaved even/odd
+    pairs = [(-8.0, 0.5), (10.0, -10.0), (2.0, 10.0), (-30.0, -9.0), (7.5, 3.0), (0.0, 4.0)]
+    h = jnp.array([v for pair in pairs for v in pair], jnp.float32)
+    # expected with the clamps applied by hand: gate only above 7, linear to [-7, 7]
+    clamped = [(-8.0, 0.5), (7.0, -7.0), (2.0, 7.0), (-30.0, -7.0), (7.0, 3.0), (0.0, 4.0)]
+    expected = np.array([g / (1 + math.exp(-alpha * g)) * (lin + 1) for g, lin in clamped])
+    out = np.asarray(swiglu(h, limit, alpha))
+    assert out.shape == (6,)
+    print(f"swiglu max rel error = {np.abs(out / np.where(expected == 0, 1, expected) - 1).max():.3e}")
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=0)
+    # a gate of -8 is not raised to -7: that would give a value ~5x larger in magnitude
+    assert abs(out[0]) < 0.5 * abs(-7.0 / (1 + math.exp(7.0 * alpha)) * 1.5)
+
+
+def test_swiglu_matches_reference_random():
+    from gpt_oss.torch.model import swiglu as ref_swiglu
+
+    h = (np.random.default_rng(11).standard_normal((3, 5, 2 * 24)) * 6).astype(np.float32)
+    expected = ref_swiglu(torch.from_numpy(h), alpha=1.702, limit=7.0).numpy()
+    out = np.asarray(swiglu(jnp.asarray(h), 7.0, 1.702))
+    print(f"swiglu max error vs reference = {np.abs(out - expected).max():.3e}")
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
