@@ -118,7 +118,7 @@ def split_original(cfg: ModelConfig, name: str, tensor: np.ndarray) -> dict[str,
         return {parts[0]: tensor}
     q = cfg.num_attention_heads * cfg.head_dim
     kv = cfg.num_key_value_heads * cfg.head_dim
-    return dict(zip(parts, np.split(tensor, [q, q + kv], axis=0)))
+    return dict(zip(parts, np.split(tensor, [q, q + kv], axis=0), strict=True))
 
 
 def fuse_original(cfg: ModelConfig, name: str, hf: dict[str, np.ndarray]) -> np.ndarray:

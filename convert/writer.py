@@ -43,7 +43,7 @@ def params_to_hf(cfg: ModelConfig, params: Mapping[str, np.ndarray], *, packed: 
     """Model parameters -> HF tensors (bf16, experts MXFP4-encoded when `packed`)."""
     out = {}
     for rule in layouts.hf_rules(cfg, packed=packed):
-        for name, value in zip(rule.sources, rule.save(cfg, np.asarray(params[rule.param], np.float32))):
+        for name, value in zip(rule.sources, rule.save(cfg, np.asarray(params[rule.param], np.float32)), strict=True):
             out[name] = value if value.dtype == np.uint8 else value.astype(layouts.BF16)
     return out
 

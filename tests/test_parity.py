@@ -75,7 +75,8 @@ def test_parity_cli_on_any_config_json(tmp_path, capsys):
     """`oss-jax parity --config PATH --json` on a config that is not a preset: other sizes, layer pattern."""
     cfg = json.loads(preset_path("tiny").read_text())
     cfg.update(num_hidden_layers=4, num_local_experts=8, num_attention_heads=8, num_key_value_heads=2,
-               head_dim=8, hidden_size=96, intermediate_size=64, vocab_size=1000, sliding_window=5, eos_token_id=998, pad_token_id=999,
+               head_dim=8, hidden_size=96, intermediate_size=64, vocab_size=1000, sliding_window=5,
+               eos_token_id=998, pad_token_id=999,
                layer_types=["sliding_attention", "full_attention"] * 2)
     path = tmp_path / "config.json"
     path.write_text(json.dumps(cfg))

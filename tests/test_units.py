@@ -238,9 +238,17 @@ def test_rope_cos_sin_matches_reference(which, tiny_config, cfg_20b):
     expected_cos = np.stack([ref_cos[:t], ref_cos[offset:]])
     expected_sin = np.stack([ref_sin[:t], ref_sin[offset:]])
     err = max(np.abs(np.asarray(cos) - expected_cos).max(), np.abs(np.asarray(sin) - expected_sin).max())
-    print(f"{which}: max |cos/sin error| vs gpt_oss reference = {err:.3e}")
-    np.testing.assert_allclose(np.asarray(cos), expected_cos, rtol=0, atol=2e-6)
-    np.testing.assert_allclose(np.asarray(sin), expected_sin, rtol=0, atol=2e-6)
+    # numpy's float32 pow is correctly rounded, torch's is not always: inv_freq may differ by 1 ulp (20b: dims 6
+    # and 10), and that angle error grows with the position; allow exactly that plus float32 rounding
+    ref_inv = _reference_rope(cfg)._compute_concentration_and_inv_freq()[1].numpy()
+    inv, conc = yarn_inv_freq(cfg)
+    np.testing.assert_array_max_ulp(inv, ref_inv, maxulp=1)
+    last = t + offset - 1  # largest position
+    atol = 1e-6 + conc * (last * np.abs(inv - ref_inv) + np.spacing(np.float32(last) * inv))  # per dim [H/2]
+    print(f"{which}: max |cos/sin error| vs gpt_oss reference = {err:.3e} (tolerance up to {atol.max():.3e}, "
+          f"inv_freq dims off by 1 ulp: {np.flatnonzero(inv != ref_inv).tolist()})")
+    assert np.all(np.abs(np.asarray(cos) - expected_cos) <= atol)
+    assert np.all(np.abs(np.asarray(sin) - expected_sin) <= atol)
 
 
 def test_yarn_spec_facts_20b(cfg_20b):
@@ -580,7 +588,8 @@ def test_swiglu_clamps_hand_values():
     expected = np.array([g / (1 + math.exp(-alpha * g)) * (lin + 1) for g, lin in clamped])
     out = np.asarray(swiglu(h, limit, alpha))
     assert out.shape == (6,)
-    print(f"swiglu max rel error = {np.abs(out / np.where(expected == 0, 1, expected) - 1).max():.3e}")
+    nonzero = expected != 0
+    print(f"swiglu max rel error = {np.abs(out[nonzero] / expected[nonzero] - 1).max():.3e}")
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=0)
     # a gate of -8 is not raised to -7: that would give a value ~5x larger in magnitude
     assert abs(out[0]) < 0.5 * abs(-7.0 / (1 + math.exp(7.0 * alpha)) * 1.5)
