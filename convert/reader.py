@@ -33,6 +33,8 @@ class CheckpointReader:
         else:
             raise LayoutError(f"{self.path}: tensors are neither the HF nor the original gpt-oss layout")
         self.packed = self.layout == ORIGINAL or any(n.endswith("_blocks") for n in names)
+        self._hf_to_original: dict[str, str] | None = None
+        self._last: tuple[str | None, dict[str, np.ndarray]] = (None, {})
 
     def expected(self) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
         """name -> (dtype, shape) that config.json implies for this layout."""
@@ -46,19 +48,38 @@ class CheckpointReader:
         missing = sorted(set(expected) - set(self.files))
         if missing:
             raise LayoutError(f"{self.path}: missing tensors {missing[:5]}{'...' if len(missing) > 5 else ''}")
+        by_file: dict[Path, list[str]] = {}
         for name, file in self.files.items():
+            by_file.setdefault(file, []).append(name)
+        for file, names in by_file.items():
             with _open(file) as f:
-                sl = f.get_slice(name)
-                dtype = _DTYPES.get(sl.get_dtype())
-                if dtype is None:
-                    raise LayoutError(f"{file}: tensor {name!r} has unsupported dtype {sl.get_dtype()}")
-                layouts.check_tensor(name, dtype, tuple(sl.get_shape()), expected, str(file))
+                present = set(f.keys())
+                for name in names:
+                    if name not in present:
+                        raise LayoutError(f"{file}: tensor {name!r} listed in the index is not in this shard")
+                    sl = f.get_slice(name)
+                    dtype = _DTYPES.get(sl.get_dtype())
+                    if dtype is None:
+                        raise LayoutError(f"{file}: tensor {name!r} has unsupported dtype {sl.get_dtype()}")
+                    layouts.check_tensor(name, dtype, tuple(sl.get_shape()), expected, str(file))
 
     def get(self, name: str) -> np.ndarray:
         if name not in self.files:
             raise LayoutError(f"{self.path}: tensor {name!r} not found")
         with _open(self.files[name]) as f:
             return f.get_tensor(name)
+
+    def get_hf(self, name: str) -> np.ndarray:
+        """One tensor by its HF name, whatever the layout (a part of the fused qkv is split out)."""
+        if self.layout == HF:
+            return self.get(name)
+        if self._hf_to_original is None:
+            self._hf_to_original = {p: o for o, parts in layouts.original_to_hf_names(self.config).items()
+                                    for p in parts}
+        original = self._hf_to_original[name]
+        if self._last[0] != original:  # q, k and v are asked for in turn: read the fused tensor once
+            self._last = (original, layouts.split_original(self.config, original, self.get(original)))
+        return self._last[1][name]
 
     def hf_tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         """All tensors under HF names, one source tensor at a time (the fused qkv yields three)."""

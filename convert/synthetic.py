@@ -8,6 +8,8 @@ MXFP4 bytes, so every layout and every implementation sees exactly the same valu
 from __future__ import annotations
 
 import math
+import zlib
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +28,7 @@ GAINS = {"q_proj": 1.0, "k_proj": 1.0, "v_proj": 1.0, "o_proj": 1.0, "router.wei
 BIAS_STD = 0.1
 
 
-def _std(name: str, shape: tuple[int, ...], cfg: ModelConfig) -> float:
+def _std(name: str, cfg: ModelConfig) -> float:
     if name.endswith("embed_tokens.weight"):
         return 1.0
     if name.endswith("sinks"):
@@ -42,43 +44,49 @@ def _std(name: str, shape: tuple[int, ...], cfg: ModelConfig) -> float:
     raise KeyError(name)
 
 
-def random_hf_tensors(cfg: ModelConfig, seed: int = 0, *, packed: bool = True) -> dict[str, np.ndarray]:
-    """Every HF tensor of `cfg`, random, in the published dtypes (bf16, MXFP4 uint8 experts)."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for name, (dtype, shape) in sorted(layouts.hf_tensors(cfg, packed=True).items()):
+class RandomTensors(Mapping):
+    """Every HF tensor of `cfg`, random in the published dtypes, generated on access (seeded per tensor name)."""
+
+    def __init__(self, cfg: ModelConfig, seed: int = 0, *, packed: bool = True):
+        self.cfg, self.seed, self.packed = cfg, seed, packed
+        self.specs = layouts.hf_tensors(cfg, packed=packed)
+        self.packed_specs = layouts.hf_tensors(cfg, packed=True)  # dequantized experts derive from these
+
+    def __iter__(self):
+        return iter(sorted(self.specs))
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self.specs:
+            raise KeyError(name)
+        if not self.packed and name.endswith(("gate_up_proj", "down_proj")):
+            blocks, scales = self._packed(name + "_blocks"), self._packed(name + "_scales")
+            w = mxfp4.decode(blocks, scales).transpose(0, 2, 1)  # as save_pretrained writes: [E, in, out]
+            return np.ascontiguousarray(w).astype(layouts.BF16)
+        return self._packed(name)
+
+    def _packed(self, name: str) -> np.ndarray:
+        dtype, shape = self.packed_specs[name]
+        rng = np.random.default_rng([self.seed, zlib.crc32(name.encode())])
         if name.endswith("_blocks"):
-            out[name] = rng.integers(0, 256, size=shape, dtype=np.uint8)
-        elif name.endswith("_scales"):
-            std = _std(name.removesuffix("_scales"), shape, cfg)
-            center = 127 + round(math.log2(std / FP4_STD))
-            out[name] = rng.integers(center - 1, center + 2, size=shape, dtype=np.uint8)
-        elif name.endswith(("norm.weight", "layernorm.weight")):
-            out[name] = (1.0 + 0.1 * rng.standard_normal(shape, np.float32)).astype(dtype)
-        else:
-            out[name] = (_std(name, shape, cfg) * rng.standard_normal(shape, np.float32)).astype(dtype)
-    if not packed:
-        out = _dequantize_experts(out)
-    return out
-
-
-def _dequantize_experts(hf: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Experts as `save_pretrained` writes them: gate_up_proj [E, D, 2F], down_proj [E, F, D] in bf16."""
-    out = {}
-    for name, t in hf.items():
+            return rng.integers(0, 256, size=shape, dtype=np.uint8)
         if name.endswith("_scales"):
-            continue
-        if name.endswith("_blocks"):
-            base = name.removesuffix("_blocks")
-            w = mxfp4.decode(t, hf[base + "_scales"]).transpose(0, 2, 1)
-            out[base] = np.ascontiguousarray(w).astype(layouts.BF16)
-        else:
-            out[name] = t
-    return out
+            center = 127 + round(math.log2(_std(name.removesuffix("_scales"), self.cfg) / FP4_STD))
+            return rng.integers(center - 1, center + 2, size=shape, dtype=np.uint8)
+        if name.endswith(("norm.weight", "layernorm.weight")):
+            return (1.0 + 0.1 * rng.standard_normal(shape, np.float32)).astype(dtype)
+        return (_std(name, self.cfg) * rng.standard_normal(shape, np.float32)).astype(dtype)
+
+
+def random_hf_tensors(cfg: ModelConfig, seed: int = 0, *, packed: bool = True) -> dict[str, np.ndarray]:
+    """All of RandomTensors in memory (small configs)."""
+    return dict(RandomTensors(cfg, seed, packed=packed))
 
 
 def make_checkpoint(cfg: ModelConfig, dst: str | Path, *, layout: str = HF, seed: int = 0, packed: bool = True,
-                    max_shard_bytes: int = MAX_SHARD_BYTES, overwrite: bool = False) -> Path:
+                    max_shard_bytes: int = MAX_SHARD_BYTES, overwrite: bool = False, progress: bool = False) -> Path:
     """Write a random checkpoint of `cfg` to `dst` in `layout` ('hf' or 'original')."""
-    hf = random_hf_tensors(cfg, seed, packed=packed)
-    return write_checkpoint(dst, cfg, hf, layout=layout, max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+    return write_checkpoint(dst, cfg, RandomTensors(cfg, seed, packed=packed), layout=layout,
+                            max_shard_bytes=max_shard_bytes, overwrite=overwrite, progress=progress)

@@ -1,10 +1,12 @@
-"""The `oss-jax` command line: make-checkpoint, parity, demo."""
+"""The `oss-jax` command line: convert, export, make-checkpoint, parity, demo."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -31,6 +33,38 @@ def cmd_make_checkpoint(args: argparse.Namespace) -> int:
     print(f"wrote a random {args.layout}-layout checkpoint ({cfg.num_hidden_layers} layers, {cfg.num_experts} "
           f"experts, {size / 1e6:.1f} MB) to {out} in {time.perf_counter() - t0:.1f}s")
     return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from convert.streaming import convert_checkpoint
+
+    summary = convert_checkpoint(args.src, args.dst, experts=args.experts, dtype=args.dtype,
+                                 overwrite=args.overwrite, progress=not args.quiet)
+    print(f"converted {args.src} -> {args.dst}: {summary}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from convert.streaming import export_checkpoint
+
+    summary = export_checkpoint(args.src, args.dst, max_shard_bytes=int(args.max_shard_gb * 1e9),
+                                overwrite=args.overwrite, progress=not args.quiet)
+    print(f"exported {args.src} -> {args.dst} (HF layout): {summary}")
+    return 0
+
+
+def add_convert_parser(sub) -> None:
+    """`convert SRC DST` (shared by `oss-jax convert` and `python -m convert`)."""
+    c = sub.add_parser("convert", help="safetensors checkpoint (HF or original/ layout) -> Orbax checkpoint")
+    c.add_argument("src", type=Path, help="HF-layout directory (a Hub download) or an original/ directory")
+    c.add_argument("dst", type=Path, help="output directory (Orbax params + config + tokenizer files)")
+    c.add_argument("--experts", choices=("packed", "bf16", "fp32"), default="packed",
+                   help="store experts as shipped (MXFP4 blocks+scales, lossless; default) or dequantized")
+    c.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
+                   help="cast the other weights (default: keep the checkpoint's dtype)")
+    c.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.set_defaults(func=cmd_convert)
 
 
 def parity_verdict(report: dict) -> list[str]:
@@ -115,6 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="oss-jax", description="gpt-oss in JAX/Flax")
     sub = p.add_subparsers(dest="command", required=True)
 
+    add_convert_parser(sub)
+
+    e = sub.add_parser("export", help="Orbax checkpoint directory -> HF-layout safetensors (transformers/vLLM)")
+    e.add_argument("src", type=Path, help="a directory written by `oss-jax convert` (or training)")
+    e.add_argument("dst", type=Path, help="output HF-layout directory")
+    e.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard (default 5 GB)")
+    e.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=cmd_export)
+
     m = sub.add_parser("make-checkpoint", help="write a random gpt-oss checkpoint of any config")
     m.add_argument("out_dir", type=Path)
     m.add_argument("--config", required=True, help="preset name (tiny, gpt-oss-20b, ...) or path to a config.json")
@@ -141,13 +185,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        # Ctrl-C and `kill` must unwind (and clean temporary output) even where the shell started us ignoring them
+        handlers = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except KeyboardInterrupt:
+        print(f"oss-jax {args.command}: interrupted; nothing was left half-written", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as e:
         print(f"oss-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
 
 
 if __name__ == "__main__":

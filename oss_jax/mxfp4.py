@@ -6,6 +6,8 @@ low nibble for even j. Nibble codes 0-7 are +{0, .5, 1, 1.5, 2, 3, 4, 6}, 8-15 t
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 GROUP = 32
@@ -68,3 +70,11 @@ def _nearest_code(x: np.ndarray) -> np.ndarray:
     pick_above = (mag - below > above - mag) | ((mag - below == above - mag) & (idx % 2 == 0))
     code = np.where(pick_above, idx, idx - 1).astype(np.uint8)
     return np.where((x < 0) & (code > 0), code | 8, code).astype(np.uint8)
+
+
+def decode_jax(blocks: jax.Array, scales: jax.Array, dtype: jnp.dtype = jnp.float32) -> jax.Array:
+    """decode() traced in JAX (for device-side dequantisation): [..., G, 16] u8, [..., G] u8 -> [..., G*32]."""
+    codes = jnp.stack([blocks & 0x0F, blocks >> 4], axis=-1).reshape(*scales.shape, GROUP)
+    values = jnp.asarray(FP4_VALUES)[codes]
+    values = jnp.ldexp(values, scales.astype(jnp.int32)[..., None] - SCALE_BIAS)
+    return values.reshape(*scales.shape[:-1], scales.shape[-1] * GROUP).astype(dtype)

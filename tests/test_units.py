@@ -9,6 +9,7 @@ import json
 import math
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -73,9 +74,8 @@ def test_mxfp4_decode_hand_built_bytes():
 
 def _reference_dequantize(blocks: np.ndarray, scales: np.ndarray, tmp_path: Path) -> np.ndarray:
     """OpenAI's own dequantizer: gpt_oss.torch.weights.Checkpoint._get_mxfp4_tensor on a real safetensors file."""
-    from safetensors.torch import save_file
-
     from gpt_oss.torch.weights import Checkpoint
+    from safetensors.torch import save_file
 
     save_file({"w.blocks": torch.from_numpy(blocks), "w.scales": torch.from_numpy(scales)},
               str(tmp_path / "w.safetensors"))
@@ -376,8 +376,8 @@ def _numpy_attend(q, k, v, sinks, mask, scale):
 
 def _jax_attend(q, k, v, sinks, mask, scale):
     f32 = jnp.float32
-    out = attend(jnp.asarray(q, f32), jnp.asarray(k, f32), jnp.asarray(v, f32), jnp.asarray(sinks, f32),
-                 jnp.asarray(mask), scale)
+    out = jax.jit(attend)(jnp.asarray(q, f32), jnp.asarray(k, f32), jnp.asarray(v, f32), jnp.asarray(sinks, f32),
+                          jnp.asarray(mask), scale)
     return np.asarray(out)
 
 
@@ -496,20 +496,36 @@ def _set(module: nnx.Module, **values: np.ndarray) -> None:
         params[name].set_value(jnp.asarray(value, jnp.float32))
 
 
+def _moe_with(cfg: ModelConfig, **values: np.ndarray) -> MoE:
+    """A float32 MoE holding exactly `values` (shapes only at construction: no random init to wait for)."""
+
+    def build() -> MoE:
+        return MoE(cfg, rngs=nnx.Rngs(0))
+
+    moe = nnx.eval_shape(build)
+    assert set(flat_params(moe)) == set(values)
+    _set(moe, **values)
+    return moe
+
+
+@nnx.jit
+def _run_moe(moe: MoE, x: jax.Array) -> jax.Array:
+    return moe(x)
+
+
 def test_router_bias_steers_every_token(tiny_config):
     """Expert e's mlp2 bias = one-hot(e) and zero expert weights: the MoE output's first E columns are the
     dense routing weights, so routing is observable through MoE.__call__ itself."""
     cfg = tiny_config
     d, e, f = cfg.hidden_size, cfg.num_experts, cfg.intermediate_size
-    moe = MoE(cfg, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(9)
     router = rng.standard_normal((d, e)) * 0.3
-    _set(moe, router_kernel=router, router_bias=np.zeros(e), mlp2_kernel=np.zeros((e, f, d)),
-         mlp2_bias=np.eye(e, d), mlp1_kernel=rng.standard_normal((e, d, 2 * f)))
+    moe = _moe_with(cfg, router_kernel=router, router_bias=np.zeros(e), mlp1_kernel=rng.standard_normal((e, d, 2 * f)),
+                    mlp1_bias=np.zeros((e, 2 * f)), mlp2_kernel=np.zeros((e, f, d)), mlp2_bias=np.eye(e, d))
     x = rng.standard_normal((2, 7, d)).astype(np.float32)
 
     def dense_weights():
-        out = np.asarray(moe(jnp.asarray(x))).reshape(-1, d)
+        out = np.asarray(_run_moe(moe, jnp.asarray(x))).reshape(-1, d)
         assert np.all(out[:, e:] == 0)
         return out[:, :e]
 
@@ -554,7 +570,6 @@ def _numpy_moe(x, p, cfg):
 def test_moe_matches_numpy_spec(tiny_config):
     cfg = tiny_config
     d, e, f = cfg.hidden_size, cfg.num_experts, cfg.intermediate_size
-    moe = MoE(cfg, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(10)
     p = {
         "router_kernel": rng.standard_normal((d, e)) * 0.5,
@@ -565,10 +580,10 @@ def test_moe_matches_numpy_spec(tiny_config):
         "mlp2_bias": rng.standard_normal((e, d)),
     }
     p = {name: v.astype(np.float32).astype(np.float64) for name, v in p.items()}
-    _set(moe, **p)
+    moe = _moe_with(cfg, **p)
     x = rng.standard_normal((2, 5, d)).astype(np.float32)
 
-    out = np.asarray(moe(jnp.asarray(x)))
+    out = np.asarray(_run_moe(moe, jnp.asarray(x)))
     assert out.shape == (2, 5, d) and out.dtype == np.float32
     expected, (gate_hits, linear_hits) = _numpy_moe(x.reshape(-1, d).astype(np.float64), p, cfg)
     assert gate_hits > 0 and linear_hits > 0, "the test must exercise both clamps"

@@ -1,0 +1,144 @@
+"""Converted checkpoints: an Orbax tree of parameters + config.json, restored straight into shardings.
+
+Directory layout written by `oss-jax convert`:
+  config.json       HF-style model config
+  params/           Orbax checkpoint: the model's parameter tree (dotted names nested as dicts); experts either
+                    MXFP4 exactly as shipped (`mlp1_kernel: {blocks [E,2F,D/32,16], scales [E,2F,D/32]}`,
+                    `mlp2_kernel: {blocks [E,D,F/32,16], scales [E,D,F/32]}`) or dense [E,D,2F] / [E,F,D]
+  conversion.json   what was converted, how (provenance)
+  tokenizer files   copied from the source when present
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint.experimental.v1 as ocp
+from jax.sharding import Mesh, Sharding, SingleDeviceSharding
+
+from oss_jax import mxfp4
+from oss_jax.config import ModelConfig
+from oss_jax.model import GptOss, abstract_model
+from oss_jax.params import assign_params, flat_params, logical_axes
+from oss_jax.sharding import named_sharding
+
+PARAMS = "params"
+PACKED = ("moe.mlp1_kernel", "moe.mlp2_kernel")
+# MXFP4 leaves keep the shipped [E, out, in/32, 16] order: out is 2F (mlp1) or D (mlp2); the group axes stay whole.
+PACKED_AXES = {"moe.mlp1_kernel": ("expert", "mlp"), "moe.mlp2_kernel": ("expert", "embed")}
+
+
+class CheckpointError(ValueError):
+    """A converted checkpoint directory that is missing or does not fit its config."""
+
+
+def nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """{'a.b.c': x} -> {'a': {'b': {'c': x}}}."""
+    out: dict[str, Any] = {}
+    for name, value in flat.items():
+        node = out
+        *parents, leaf = name.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Inverse of nest()."""
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out |= flatten(value, name + ".")
+        else:
+            out[name] = value
+    return out
+
+
+def packed_param(name: str) -> str | None:
+    """'layers.3.moe.mlp1_kernel.blocks' -> 'layers.3.moe.mlp1_kernel' (None for other names)."""
+    base, _, part = name.rpartition(".")
+    return base if part in ("blocks", "scales") and base.endswith(PACKED) else None
+
+
+def stored_axes(name: str, model_axes: dict[str, tuple[str | None, ...]]) -> tuple[str | None, ...]:
+    """Logical axes of one stored leaf (a model parameter, or the blocks/scales of a packed one)."""
+    base = packed_param(name)
+    if base is None:
+        return model_axes[name]
+    lead = PACKED_AXES[base[base.index("moe."):]]
+    return lead + (None,) * (2 if name.endswith("blocks") else 1)
+
+
+def stored_metadata(path: str | Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Stored leaf name -> (shape, dtype), from the Orbax metadata (no array is read)."""
+    params = Path(path) / PARAMS
+    if not params.is_dir():
+        raise CheckpointError(f"{path}: no {PARAMS}/ Orbax checkpoint (convert one with `oss-jax convert`)")
+    meta = ocp.metadata(params).metadata
+    return {name: (tuple(m.shape), np.dtype(m.dtype)) for name, m in flatten(meta).items()}
+
+
+def restore(path: str | Path, mesh: Mesh | None = None, names: Iterable[str] | None = None) -> dict[str, jax.Array]:
+    """Stored leaves by name (all, or `names`), each read straight into its sharding on `mesh`."""
+    path = Path(path)
+    cfg = ModelConfig.from_file(path)
+    meta = stored_metadata(path)
+    wanted = set(meta) if names is None else set(names)
+    unknown = sorted(wanted - set(meta))
+    if unknown:
+        raise CheckpointError(f"{path}: no stored parameters {unknown[:5]}")
+    axes = _model_axes(cfg)
+    target = {}
+    for name, (shape, dtype) in meta.items():
+        if name in wanted:
+            target[name] = jax.ShapeDtypeStruct(shape, dtype, sharding=_sharding(stored_axes(name, axes), shape,
+                                                                                  mesh, name))
+        else:
+            target[name] = ocp.PLACEHOLDER
+    restored = flatten(ocp.load(path / PARAMS, nest(target)))
+    return {name: restored[name] for name in wanted}
+
+
+@functools.lru_cache(maxsize=8)
+def _model_axes(cfg: ModelConfig) -> dict[str, tuple[str | None, ...]]:
+    return logical_axes(abstract_model(cfg))
+
+
+def _sharding(axes, shape, mesh: Mesh | None, name: str) -> Sharding:
+    if mesh is None:
+        return SingleDeviceSharding(jax.devices()[0])
+    return named_sharding(axes, shape, mesh, name)
+
+
+def load(path: str | Path, mesh: Mesh | None = None, dtype: jnp.dtype = jnp.float32) -> GptOss:
+    """A converted checkpoint -> the model, parameters sharded on `mesh` (MXFP4 experts dequantized on device)."""
+    cfg = ModelConfig.from_file(path)
+    stored = restore(path, mesh)
+    model = abstract_model(cfg, dtype)
+    params = flat_params(model)
+    arrays = {}
+    for name, var in params.items():
+        if name in stored:
+            arrays[name] = stored[name]
+        elif f"{name}.blocks" in stored:
+            sharding = _sharding(var.get_metadata()["axes"], var.shape, mesh, name)
+            arrays[name] = _dequantize(stored[f"{name}.blocks"], stored[f"{name}.scales"], dtype, sharding)
+        else:
+            raise CheckpointError(f"{path}: parameter {name!r} is not in the checkpoint")
+    assign_params(model, arrays)
+    return model
+
+
+def _dequantize(blocks: jax.Array, scales: jax.Array, dtype: jnp.dtype, sharding: Sharding) -> jax.Array:
+    """[E, out, in/32, 16] + [E, out, in/32] -> [E, in, out] in `dtype`, computed where the result lives."""
+    def f(b, s):
+        return jnp.swapaxes(mxfp4.decode_jax(b, s, dtype), 1, 2)
+    return jax.jit(f, out_shardings=sharding)(blocks, scales)

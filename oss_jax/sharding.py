@@ -1,0 +1,72 @@
+"""Sharding declared once: logical axis names (on every parameter) -> mesh axes, through one rules table."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+
+# logical axis -> mesh axes it may be split over (in order). Unlisted logical axes are replicated.
+RULES: dict[str, tuple[str, ...]] = {
+    "expert": ("expert",),
+    "embed": ("fsdp",),
+    "vocab": ("tensor",),
+    "q_heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "mlp": ("tensor",),
+}
+
+
+class MeshError(ValueError):
+    """A mesh that cannot hold the model as asked (an axis that does not divide, an unknown axis name)."""
+
+
+def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh over the named axes (any of data/fsdp/expert/tensor), e.g. {'expert': 8} or {'data': 2, 'expert': 4}."""
+    unknown = sorted(set(shape) - set(MESH_AXES))
+    if unknown:
+        raise MeshError(f"unknown mesh axes {unknown}; use {MESH_AXES}")
+    names = tuple(a for a in MESH_AXES if a in shape)
+    sizes = tuple(int(shape[a]) for a in names)
+    devices = list(devices if devices is not None else jax.devices())
+    if math.prod(sizes) > len(devices):
+        raise MeshError(f"mesh {dict(zip(names, sizes, strict=True))} needs {math.prod(sizes)} devices, "
+                        f"{len(devices)} available")
+    grid = np.asarray(devices[: math.prod(sizes)], dtype=object).reshape(sizes)
+    return Mesh(grid, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names))
+
+
+def parse_mesh(spec: str) -> dict[str, int]:
+    """'data=2,expert=4' -> {'data': 2, 'expert': 4}."""
+    out = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, size = part.partition("=")
+        if not size.isdigit() or int(size) < 1:
+            raise MeshError(f"bad mesh entry {part!r}; expected NAME=SIZE, e.g. expert=8")
+        out[name.strip()] = int(size)
+    return out
+
+
+def partition_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, name: str = "",
+                   rules: Mapping[str, tuple[str, ...]] = RULES) -> PartitionSpec:
+    """The PartitionSpec of one array with these logical axes; refuses a mesh axis that does not divide."""
+    used: set[str] = set()
+    spec = []
+    for axis, dim in zip(axes, shape, strict=True):
+        mesh_axes = tuple(m for m in rules.get(axis or "", ()) if mesh.shape.get(m, 1) > 1 and m not in used)
+        size = math.prod(mesh.shape[m] for m in mesh_axes)
+        if mesh_axes and dim % size:
+            raise MeshError(f"{name}: dimension '{axis}' of size {dim} cannot be split {size} ways over mesh axes "
+                            f"{mesh_axes}")
+        used.update(mesh_axes)
+        spec.append(mesh_axes[0] if len(mesh_axes) == 1 else (mesh_axes or None))
+    return PartitionSpec(*spec)
+
+
+def named_sharding(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, name: str = "") -> NamedSharding:
+    return NamedSharding(mesh, partition_spec(axes, shape, mesh, name))
