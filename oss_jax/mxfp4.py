@@ -53,9 +53,14 @@ def encode(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     # frexp gives m * 2^exp with m in [0.5, 1); an exact power of two needs one less
     exact = np.where(amax > 0, np.ldexp(0.5, exp) == amax / MAX_FP4, False)
     exp = np.where(amax > 0, exp - exact, -SCALE_BIAS)
-    exp = np.clip(exp, -SCALE_BIAS, 127)
+    exp = np.maximum(exp, -SCALE_BIAS)
     scaled = np.ldexp(groups, -exp[..., None].astype(np.int32))
     codes = _nearest_code(scaled)
+    top = exp >= 126  # only these scales can round up past float32's range
+    with np.errstate(over="ignore"):
+        overflow = np.any(top) and not np.all(np.isfinite(np.ldexp(FP4_VALUES[codes[top]], exp[top][:, None])))
+    if overflow:
+        raise ValueError(f"values up to {np.abs(values).max():.3g} exceed the MXFP4 range")
     lo, hi = codes[..., 0::2], codes[..., 1::2]
     blocks = (lo | (hi << 4)).astype(np.uint8)
     return blocks, (exp + SCALE_BIAS).astype(np.uint8)

@@ -132,6 +132,8 @@ def case(tmp_path_factory):
 
         loaded_cfg, params = load_params(hf_dir)
         assert loaded_cfg == cfg
+        for name in list(params):  # JAX copies host arrays; one tensor at a time, not the whole model twice
+            params[name] = jax.block_until_ready(jnp.asarray(params.pop(name)))
         tokens = np.random.default_rng(SEED).integers(0, cfg.vocab_size, size=(BATCH, SEQ_LEN))
         with tiled_ragged_dot_on_cpu():
             ours = parity.ours_logits(cfg, params, tokens)

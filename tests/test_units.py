@@ -201,6 +201,11 @@ def test_mxfp4_encode_rejects_bad_inputs():
         x[1, 40] = bad
         with pytest.raises(ValueError):
             mxfp4.encode(x)
+    # 3e38 would round up to 4 * 2^126 = 2^128, past float32's range: refused rather than stored as inf
+    with pytest.raises(ValueError, match="exceed the MXFP4 range"):
+        mxfp4.encode(np.full((1, 32), 3e38, np.float32))
+    blocks, scales = mxfp4.encode(np.full((1, 32), 1e38, np.float32))
+    assert np.all(np.isfinite(mxfp4.decode(blocks, scales)))
 
 
 # ------------------------------------------------------------------ YaRN RoPE
