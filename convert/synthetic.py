@@ -19,6 +19,7 @@ from convert.layouts import HF
 from convert.writer import MAX_SHARD_BYTES, write_checkpoint
 from oss_jax import mxfp4
 from oss_jax.config import ModelConfig
+from oss_jax.tokenizer import VOCAB_SIZE, write_tokenizer_files
 
 FP4_STD = float(np.sqrt(np.mean(mxfp4.FP4_VALUES ** 2)))
 
@@ -87,6 +88,9 @@ def random_hf_tensors(cfg: ModelConfig, seed: int = 0, *, packed: bool = True) -
 
 def make_checkpoint(cfg: ModelConfig, dst: str | Path, *, layout: str = HF, seed: int = 0, packed: bool = True,
                     max_shard_bytes: int = MAX_SHARD_BYTES, overwrite: bool = False, progress: bool = False) -> Path:
-    """Write a random checkpoint of `cfg` to `dst` in `layout` ('hf' or 'original')."""
-    return write_checkpoint(dst, cfg, RandomTensors(cfg, seed, packed=packed), layout=layout,
-                            max_shard_bytes=max_shard_bytes, overwrite=overwrite, progress=progress)
+    """Write a random checkpoint of `cfg` to `dst` in `layout` ('hf' or 'original'); HF + real vocab: with tokenizer."""
+    out = write_checkpoint(dst, cfg, RandomTensors(cfg, seed, packed=packed), layout=layout,
+                           max_shard_bytes=max_shard_bytes, overwrite=overwrite, progress=progress)
+    if layout == HF and cfg.vocab_size == VOCAB_SIZE:
+        write_tokenizer_files(out)
+    return out

@@ -1,10 +1,14 @@
-"""The `oss-jax` command line: convert, export, make-checkpoint, parity, demo."""
+"""The `oss-jax` command line: convert, export, make-checkpoint, parity, plan, demo."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import re
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -20,6 +24,50 @@ def _config(name_or_path: str):
     from oss_jax.config import ModelConfig
 
     return ModelConfig.from_file(preset_path(name_or_path))
+
+
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+CHILD_ENV = "OSS_JAX_DEVICES_CHILD"  # set in a re-run with more host devices: that re-run must not re-run again
+
+
+def _with_device_count(flags: str, n: int) -> str:
+    """XLA_FLAGS with the host device count set to `n` (any earlier count removed)."""
+    rest = re.sub(rf"{DEVICE_COUNT_FLAG}=\S*", "", flags).split()
+    return " ".join([*rest, f"{DEVICE_COUNT_FLAG}={n}"])
+
+
+def _provide_host_devices(n: int) -> bool:
+    """Give this process `n` (fake) host CPU devices unless jax's backends have started; True when it has `n`."""
+    import jax  # importing is fine: the device count is read when the backends start (first jax.devices() or op)
+
+    flags = os.environ.get("XLA_FLAGS", "")
+    found = re.search(rf"{DEVICE_COUNT_FLAG}=(\d+)", flags)
+    current = jax.config.jax_num_cpu_devices
+    if current is None or current < 1:
+        current = int(found.group(1)) if found else 1
+    if current < n:
+        try:
+            jax.config.update("jax_num_cpu_devices", n)  # raises once the backends are running
+            os.environ["XLA_FLAGS"] = _with_device_count(flags, n)
+        except RuntimeError:  # keep the devices there are; the caller re-runs in a fresh process
+            pass
+    return max(len(jax.devices()), len(jax.devices("cpu"))) >= n
+
+
+def _run_with_devices(argv: list[str], n: int) -> subprocess.CompletedProcess:
+    """Run `oss-jax ARGV` in a fresh process with `n` host devices (jax here started with fewer), output captured."""
+    if os.environ.get(CHILD_ENV):
+        import jax
+
+        raise ValueError(f"the mesh needs {n} devices and only {len(jax.devices('cpu'))} host devices could be made")
+    env = dict(os.environ, XLA_FLAGS=_with_device_count(os.environ.get("XLA_FLAGS", ""), n), **{CHILD_ENV: "1"})
+    return subprocess.run([sys.executable, "-m", "oss_jax.cli", *argv], env=env, capture_output=True, text=True)
+
+
+def _mesh_size(spec: str) -> int:
+    from oss_jax.sharding import parse_mesh
+
+    return math.prod(parse_mesh(spec).values())
 
 
 def cmd_make_checkpoint(args: argparse.Namespace) -> int:
@@ -83,8 +131,10 @@ def parity_verdict(report: dict) -> list[str]:
 
 def _print_parity(report: dict) -> None:
     s = report["shape"]
+    mesh = ", ".join(f"{k}={v}" for k, v in report.get("mesh", {}).items())
     print(f"parity on batch {s['batch']} x {s['seq_len']} tokens, {s['layers']} layers, {s['experts']} experts, "
-          f"vocab {s['vocab']} (reference logit std {report['logit_std']:.2f}), float32:")
+          f"vocab {s['vocab']} (reference logit std {report['logit_std']:.2f}), float32"
+          f"{f', ours sharded on mesh {mesh}' if mesh else ''}:")
     for key, label in (("vs_openai_ref", "ours vs OpenAI reference"), ("vs_hf", "ours vs HF transformers"),
                        ("hf_vs_openai_ref", "HF vs OpenAI reference (their own gap)")):
         r = report[key]
@@ -94,12 +144,32 @@ def _print_parity(report: dict) -> None:
         print(f"  bf16: KL(ref fp32 || ours bf16) {b['kl_ours']:.3e}  vs  KL(ref fp32 || ref bf16) {b['kl_ref']:.3e}")
 
 
+def _parity_argv(args: argparse.Namespace) -> list[str]:
+    """The command line of this parity run (for a re-run with more host devices)."""
+    argv = ["parity", "--ckpt", str(args.ckpt)] if args.ckpt else ["parity", "--config", args.config]
+    argv += ["--seed", str(args.seed), "--batch", str(args.batch), "--mesh", args.mesh]
+    argv += ["--seq-len", str(args.seq_len)] if args.seq_len else []
+    return argv + ["--no-bf16"] * args.no_bf16 + ["--json"] * args.json
+
+
 def cmd_parity(args: argparse.Namespace) -> int:
+    mesh = None
+    if args.mesh:
+        n = _mesh_size(args.mesh)
+        if not _provide_host_devices(n):
+            child = _run_with_devices(_parity_argv(args), n)
+            sys.stdout.write(child.stdout)
+            sys.stderr.write(child.stderr)
+            return child.returncode
+        from oss_jax.plan import mesh_devices
+        from oss_jax.sharding import make_mesh, parse_mesh
+
+        mesh = make_mesh(parse_mesh(args.mesh), mesh_devices(n))
     from oss_jax.parity import run_parity
 
     config = None if args.ckpt else _config(args.config)
     report = run_parity(config=config, ckpt=args.ckpt, seed=args.seed, batch=args.batch, seq_len=args.seq_len,
-                        bf16=not args.no_bf16)
+                        bf16=not args.no_bf16, mesh=mesh)
     failures = parity_verdict(report)
     report["pass"] = not failures
     if args.json:
@@ -108,6 +178,36 @@ def cmd_parity(args: argparse.Namespace) -> int:
         _print_parity(report)
         print("PASS" if not failures else "FAIL:\n  " + "\n  ".join(failures))
     return 0 if not failures else 1
+
+
+def _plan_argv(args: argparse.Namespace) -> list[str]:
+    """The command line of this plan (for a re-run with more host devices), asking for JSON."""
+    argv = ["plan", "--model", args.model, "--mesh", args.mesh, "--seq-len", str(args.seq_len), "--dtype",
+            args.dtype, "--json"]
+    return argv + (["--batch", str(args.batch)] if args.batch else [])
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from oss_jax import plan
+
+    step = "train" if args.train else "prefill"
+    plan.step_builder(step)  # a step that does not exist yet fails here, before any device or compile
+    cfg = _config(args.model)
+    n = _mesh_size(args.mesh)
+    if not _provide_host_devices(n):  # jax already started with fewer devices: plan in a fresh process
+        child = _run_with_devices(_plan_argv(args), n)
+        sys.stderr.write(child.stderr)
+        if child.returncode:
+            return child.returncode
+        result = json.loads(child.stdout)
+    else:
+        from oss_jax.sharding import make_mesh, parse_mesh
+
+        mesh = make_mesh(parse_mesh(args.mesh), plan.mesh_devices(n))
+        result = plan.plan(cfg, mesh, step=step, batch=args.batch, seq_len=args.seq_len, dtype=args.dtype).as_dict()
+    result = {"model": args.model, **result}
+    print(json.dumps(result) if args.json else plan.format_plan(result, args.model))
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -177,7 +277,21 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seq-len", type=int, default=None, help="default: sliding window + 13")
     q.add_argument("--no-bf16", action="store_true", help="skip the bf16 KL comparison")
     q.add_argument("--json", action="store_true", help="print the measured numbers as JSON")
+    q.add_argument("--mesh", default=None,
+                   help="run our model sharded on this mesh: a preset (ep8, ...) or data=2,expert=4 (fake CPU "
+                        "devices are made as needed)")
     q.set_defaults(func=cmd_parity)
+
+    n = sub.add_parser("plan", help="per-device memory of the full-size model's step on a mesh, compiled ahead "
+                                    "of time from abstract shapes (nothing allocated)")
+    n.add_argument("--model", required=True, help="preset (tiny, gpt-oss-20b, gpt-oss-120b) or a config.json")
+    n.add_argument("--mesh", required=True, help="mesh preset from configs/mesh (ep8, tpu64, ...) or data=2,expert=4")
+    n.add_argument("--batch", type=int, default=None, help="default: one sequence per data/fsdp shard")
+    n.add_argument("--seq-len", type=int, default=4096)
+    n.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="parameter and matmul dtype")
+    n.add_argument("--train", action="store_true", help="plan the train step (does not exist yet: an error)")
+    n.add_argument("--json", action="store_true", help="print the plan as JSON")
+    n.set_defaults(func=cmd_plan)
 
     d = sub.add_parser("demo", help="tiny checkpoint -> Flax model -> tokens -> parity report")
     d.add_argument("--out-dir", default="oss-jax-demo")

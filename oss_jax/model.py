@@ -72,7 +72,21 @@ def model_from_params(cfg: ModelConfig, arrays: Mapping[str, np.ndarray | jax.Ar
     return model
 
 
+def model_mesh(model: GptOss) -> jax.sharding.Mesh | None:
+    """The mesh the parameters live on (None when they are not NamedSharding-placed)."""
+    sharding = getattr(model.embed[...], "sharding", None)
+    return sharding.mesh if isinstance(sharding, jax.sharding.NamedSharding) else None
+
+
 @nnx.jit
-def forward(model: GptOss, tokens: jax.Array) -> jax.Array:
-    """Jitted full-sequence forward: tokens [B, T] -> logits [B, T, V] float32."""
+def _forward(model: GptOss, tokens: jax.Array) -> jax.Array:
     return model(tokens)
+
+
+def forward(model: GptOss, tokens: jax.Array) -> jax.Array:
+    """Jitted full-sequence forward: tokens [B, T] -> logits [B, T, V] float32; expert-parallel on the params' mesh."""
+    mesh = model_mesh(model)
+    if mesh is None:
+        return _forward(model, tokens)
+    with jax.set_mesh(mesh):
+        return _forward(model, tokens)

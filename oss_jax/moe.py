@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -41,14 +44,19 @@ def swiglu(h: jax.Array, limit: float, alpha: float) -> jax.Array:
 
 
 def expert_mlp(rows: jax.Array, expert_ids: jax.Array, group_sizes: jax.Array, w1: jax.Array, b1: jax.Array,
-               w2: jax.Array, b2: jax.Array, cfg: ModelConfig, dtype: jnp.dtype) -> jax.Array:
+               w2: jax.Array, b2: jax.Array, cfg: ModelConfig, dtype: jnp.dtype, tensor_axis: str | None = None
+               ) -> jax.Array:
     """rows [A, D] grouped by expert (sizes [E]); w1 [E, D, 2F], b1 [E, 2F], w2 [E, F, D], b2 [E, D] -> [A, D].
 
-    The one place expert weights are multiplied: biases are per expert and added before routing weights.
+    The one place expert weights are multiplied: biases are per expert and added before routing weights. Rows
+    past sum(group_sizes) are padding and come out as b2 of their (clamped) id. With `tensor_axis`, F is split
+    over that mesh axis and the partial mlp2 products are summed across it.
     """
     h = jax.lax.ragged_dot(rows.astype(dtype), w1.astype(dtype), group_sizes, preferred_element_type=jnp.float32)
     h = swiglu(h + b1[expert_ids], cfg.swiglu_limit, cfg.swiglu_alpha)
     y = jax.lax.ragged_dot(h.astype(dtype), w2.astype(dtype), group_sizes, preferred_element_type=jnp.float32)
+    if tensor_axis is not None:
+        y = jax.lax.psum(y, tensor_axis)
     return y + b2[expert_ids]
 
 
@@ -70,15 +78,98 @@ class MoE(nnx.Module):
         cfg, dt = self.cfg, self.dtype
         b, t, d = x.shape
         xs = x.reshape(b * t, d).astype(dt)
-        with jax.named_scope("route"):
-            logits = jnp.einsum("XD,DE->XE", xs, self.router_kernel[...].astype(dt),
-                                preferred_element_type=jnp.float32) + self.router_bias[...]
-            ids, weights = route(logits, cfg.experts_per_token)
-        with jax.named_scope("permute"):
-            rows, expert_ids, group_sizes, order = permute(xs, ids, cfg.num_experts)
-        with jax.named_scope("experts"):
-            y = expert_mlp(rows, expert_ids, group_sizes, self.mlp1_kernel[...], self.mlp1_bias[...],
-                           self.mlp2_kernel[...], self.mlp2_bias[...], cfg, dt)
-        with jax.named_scope("unpermute"):
-            out = unpermute(y, order, weights)
+        weights = (self.router_kernel[...], self.router_bias[...], self.mlp1_kernel[...], self.mlp1_bias[...],
+                   self.mlp2_kernel[...], self.mlp2_bias[...])
+        mesh = jax.sharding.get_abstract_mesh()
+        if expert_parallel(mesh):
+            out = moe_expert_parallel(xs, *weights, cfg=cfg, dtype=dt, mesh=mesh)
+        else:
+            out = moe_local(xs, *weights, cfg=cfg, dtype=dt)
         return out.reshape(b, t, d)
+
+
+def moe_local(x: jax.Array, router_w: jax.Array, router_b: jax.Array, w1: jax.Array, b1: jax.Array, w2: jax.Array,
+              b2: jax.Array, *, cfg: ModelConfig, dtype: jnp.dtype, tensor_axis: str | None = None) -> jax.Array:
+    """x [X, D] -> [X, D] with every expert in reach (one device, or one expert-parallel shard's own experts)."""
+    with jax.named_scope("route"):
+        logits = jnp.einsum("XD,DE->XE", x, router_w.astype(dtype), preferred_element_type=jnp.float32) + router_b
+        ids, weights = route(logits, cfg.experts_per_token)
+    with jax.named_scope("permute"):
+        rows, expert_ids, group_sizes, order = permute(x, ids, w1.shape[0])
+    with jax.named_scope("experts"):
+        y = expert_mlp(rows, expert_ids, group_sizes, w1, b1, w2, b2, cfg, dtype, tensor_axis)
+    with jax.named_scope("unpermute"):
+        return unpermute(y, order, weights)
+
+
+# ------------------------------------------------------------------ expert parallelism
+
+TOKEN_AXES = ("data", "fsdp", "expert")  # mesh axes that split tokens; experts live on "expert", F on "tensor"
+
+
+def _present(mesh, axes: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(a for a in axes if mesh.shape.get(a, 1) > 1)
+
+
+def expert_parallel(mesh) -> bool:
+    """Whether a (context) mesh splits experts or tokens, so the MoE runs under shard_map."""
+    return not mesh.empty and bool(_present(mesh, TOKEN_AXES + ("tensor",)))
+
+
+def dispatch_slots(ids: jax.Array, experts_per_device: int, devices: int
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """ids [X, k] -> assignment order [A] (sorted by expert), destination device [A] and slot in its buffer [A]."""
+    flat = ids.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    dest = flat[order] // experts_per_device
+    counts = jnp.bincount(dest, length=devices)
+    slot = jnp.arange(flat.shape[0]) - (jnp.cumsum(counts) - counts)[dest]
+    return order, dest, slot
+
+
+def _ep_shard(x_, router_w, router_b, w1_, b1_, w2_, b2_, *, cfg, dtype, tensor_axis):
+    """Per device: route local tokens, send each assignment to the device holding its expert, compute, send back."""
+    k, e_local, p = cfg.experts_per_token, w1_.shape[0], jax.lax.axis_size("expert")
+    logits = jnp.einsum("XD,DE->XE", x_, router_w.astype(dtype), preferred_element_type=jnp.float32) + router_b
+    ids, weights = route(logits, k)
+    order, dest, slot = dispatch_slots(ids, e_local, p)
+    capacity = ids.size  # dropless: one device may receive every local assignment
+    with jax.named_scope("dispatch"):
+        send = jnp.zeros((p, capacity, x_.shape[1]), x_.dtype).at[dest, slot].set(x_[order // k])
+        send_ids = jnp.full((p, capacity), e_local, jnp.int32).at[dest, slot].set(ids.reshape(-1)[order] % e_local)
+        recv = jax.lax.all_to_all(send, "expert", 0, 0).reshape(p * capacity, -1)
+        recv_ids = jax.lax.all_to_all(send_ids, "expert", 0, 0).reshape(-1)
+    with jax.named_scope("experts"):
+        local_order = jnp.argsort(recv_ids, stable=True)  # padding (id e_local) sorts last, outside every group
+        sizes = jnp.bincount(recv_ids, length=e_local).astype(jnp.int32)
+        y = expert_mlp(recv[local_order], jnp.minimum(recv_ids[local_order], e_local - 1), sizes, w1_, b1_, w2_,
+                       b2_, cfg, dtype, tensor_axis)
+        y = jnp.zeros_like(y).at[local_order].set(y).reshape(p, capacity, -1)
+    with jax.named_scope("combine"):
+        back = jax.lax.all_to_all(y, "expert", 0, 0)
+        return unpermute(back[dest, slot], order, weights)
+
+
+def moe_expert_parallel(x: jax.Array, router_w: jax.Array, router_b: jax.Array, w1: jax.Array, b1: jax.Array,
+                        w2: jax.Array, b2: jax.Array, *, cfg: ModelConfig, dtype: jnp.dtype, mesh) -> jax.Array:
+    """x [X, D] -> [X, D]: tokens split over data/fsdp/expert, experts over expert, F over tensor (shard_map)."""
+    token_axes = _present(mesh, TOKEN_AXES) or None
+    shards = math.prod(mesh.shape[a] for a in token_axes or ())
+    pad = -x.shape[0] % shards
+    xp = jnp.pad(x, ((0, pad), (0, 0)))
+    tensor = "tensor" if mesh.shape.get("tensor", 1) > 1 else None
+    expert = "expert" if mesh.shape.get("expert", 1) > 1 else None
+    P = jax.sharding.PartitionSpec
+    fn = functools.partial(_ep_shard if expert else _local_shard, cfg=cfg, dtype=dtype, tensor_axis=tensor)
+    out = jax.shard_map(
+        fn, mesh=mesh,
+        in_specs=(P(token_axes, None), P(), P(), P(expert, None, tensor), P(expert, tensor), P(expert, tensor, None),
+                  P(expert, None)),
+        out_specs=P(token_axes, None), check_vma=False,
+    )(xp, router_w, router_b, w1, b1, w2, b2)
+    return out[: x.shape[0]]
+
+
+def _local_shard(x_, router_w, router_b, w1_, b1_, w2_, b2_, *, cfg, dtype, tensor_axis):
+    """Per device when experts are not split (no expert axis): every expert is local; F may be split."""
+    return moe_local(x_, router_w, router_b, w1_, b1_, w2_, b2_, cfg=cfg, dtype=dtype, tensor_axis=tensor_axis)

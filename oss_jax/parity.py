@@ -10,8 +10,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from convert.layouts import HF, ORIGINAL
 from convert.reader import CheckpointReader, load_params
@@ -19,6 +21,7 @@ from convert.synthetic import make_checkpoint
 from convert.writer import write_checkpoint
 from oss_jax.config import ModelConfig
 from oss_jax.model import forward, model_from_params
+from oss_jax.plan import batch_sharding, shard_params
 
 
 def openai_logits(original_dir: str | Path, tokens: np.ndarray, *, bf16: bool = False) -> np.ndarray:
@@ -49,11 +52,16 @@ def hf_logits(hf_dir: str | Path, tokens: np.ndarray, *, bf16: bool = False) -> 
         return model(torch.as_tensor(tokens, dtype=torch.long)).logits.float().numpy()
 
 
-def ours_logits(cfg: ModelConfig, params: dict[str, np.ndarray], tokens: np.ndarray, *, bf16: bool = False
-                ) -> np.ndarray:
-    """This model: tokens [B, T] -> logits [B, T, V] f32."""
+def ours_logits(cfg: ModelConfig, params: dict[str, np.ndarray], tokens: np.ndarray, *, bf16: bool = False,
+                mesh: Mesh | None = None) -> np.ndarray:
+    """This model: tokens [B, T] -> logits [B, T, V] f32; on `mesh`, parameters sharded and batch split over data."""
     model = model_from_params(cfg, params, dtype=jnp.bfloat16 if bf16 else jnp.float32)
-    return np.asarray(forward(model, jnp.asarray(tokens, jnp.int32)))
+    if mesh is None:
+        return np.asarray(forward(model, jnp.asarray(tokens, jnp.int32)))
+    shard_params(model, mesh)
+    with jax.set_mesh(mesh):
+        x = jax.device_put(jnp.asarray(tokens, jnp.int32), batch_sharding(mesh, tokens.shape))
+        return np.asarray(forward(model, x))
 
 
 def kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
@@ -94,13 +102,14 @@ def both_layouts(*, config: ModelConfig | None = None, ckpt: str | Path | None =
 
 
 def run_parity(*, config: ModelConfig | None = None, ckpt: str | Path | None = None, seed: int = 0,
-               batch: int = 2, seq_len: int | None = None, bf16: bool = True) -> dict[str, Any]:
-    """Logits of this model vs both references on the same checkpoint, float32 (and the bf16 KL check)."""
+               batch: int = 2, seq_len: int | None = None, bf16: bool = True, mesh: Mesh | None = None
+               ) -> dict[str, Any]:
+    """Logits of this model (sharded on `mesh` if given) vs both references, float32 (and the bf16 KL check)."""
     with both_layouts(config=config, ckpt=ckpt, seed=seed) as (hf_dir, original_dir):
         cfg, params = load_params(hf_dir)
         seq_len = seq_len or cfg.sliding_window + 13  # longer than the window
         tokens = np.random.default_rng(seed).integers(0, cfg.vocab_size, size=(batch, seq_len))
-        ours = ours_logits(cfg, params, tokens)
+        ours = ours_logits(cfg, params, tokens, mesh=mesh)
         ref = openai_logits(original_dir, tokens)
         hf = hf_logits(hf_dir, tokens)
         report: dict[str, Any] = {
@@ -111,8 +120,10 @@ def run_parity(*, config: ModelConfig | None = None, ckpt: str | Path | None = N
             "shape": {"batch": batch, "seq_len": seq_len, "layers": cfg.num_hidden_layers,
                       "experts": cfg.num_experts, "vocab": cfg.vocab_size},
         }
+        if mesh is not None:
+            report["mesh"] = dict(mesh.shape)
         if bf16:
-            ours16 = ours_logits(cfg, params, tokens, bf16=True)
+            ours16 = ours_logits(cfg, params, tokens, bf16=True, mesh=mesh)
             ref16 = openai_logits(original_dir, tokens, bf16=True)
             report["bf16"] = {"kl_ours": kl(ref, ours16), "kl_ref": kl(ref, ref16),
                               "top1_ours": compare(ref, ours16)["top1"], "top1_ref": compare(ref, ref16)["top1"]}

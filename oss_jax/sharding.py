@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 
@@ -42,7 +43,15 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
 
 
 def parse_mesh(spec: str) -> dict[str, int]:
-    """'data=2,expert=4' -> {'data': 2, 'expert': 4}."""
+    """A preset name from configs/mesh (e.g. 'ep8', 'tpu64') or an inline 'data=2,expert=4' -> axis sizes."""
+    from configs import PRESETS_DIR
+
+    preset = PRESETS_DIR / "mesh" / f"{spec}.json"
+    if "=" not in spec and preset.is_file():
+        return {k: int(v) for k, v in json.loads(preset.read_text()).items()}
+    if "=" not in spec:
+        names = sorted(p.stem for p in (PRESETS_DIR / "mesh").glob("*.json"))
+        raise MeshError(f"unknown mesh preset {spec!r}; presets: {names}, or inline like data=2,expert=4")
     out = {}
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, _, size = part.partition("=")
@@ -70,3 +79,11 @@ def partition_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
 
 def named_sharding(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, name: str = "") -> NamedSharding:
     return NamedSharding(mesh, partition_spec(axes, shape, mesh, name))
+
+
+def shard_model(model, mesh: Mesh) -> None:
+    """Place every parameter of an nnx model on its NamedSharding over `mesh` (in place)."""
+    from oss_jax.params import flat_params
+
+    for name, var in flat_params(model).items():
+        var.set_value(jax.device_put(var[...], named_sharding(var.get_metadata()["axes"], var.shape, mesh, name)))

@@ -1,0 +1,214 @@
+"""Ahead-of-time memory plan: lower and compile one step of the full-size model on a mesh, allocating nothing.
+
+Parameters and inputs are `jax.ShapeDtypeStruct`s carrying their `NamedSharding`s; the step is lowered and compiled
+for that mesh (fake CPU devices are enough) and its per-device bytes are read off:
+  params_bytes     exact, from each parameter's shape, dtype and sharding (the largest per-device sum)
+  optimizer_bytes  optimizer state, the same way (0 for inference steps)
+  input_bytes      the step's other inputs (tokens)
+  temp_bytes       XLA temporaries, from `compiled.memory_analysis()`
+  output_bytes     the step's outputs (logits), from `compiled.memory_analysis()`
+  total_bytes      params + optimizer + inputs + temp + output - aliased (donated) bytes
+Steps: `prefill` (the full-sequence forward). `decode` (with a KV cache) and `train` are added to STEPS when they
+exist.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from oss_jax.config import ModelConfig
+from oss_jax.model import GptOss, abstract_model, forward
+from oss_jax.params import flat_params
+from oss_jax.sharding import MeshError, named_sharding
+
+BATCH_AXES = ("data", "fsdp")  # mesh axes the batch is split over
+DTYPES = {"bf16": jnp.bfloat16, "fp32": jnp.float32}
+
+
+class PlanError(ValueError):
+    """A step that cannot be planned (yet)."""
+
+
+@dataclass(frozen=True)
+class Step:
+    """A function to jit and the abstract, sharded arguments to lower it with (leaves grouped by what they hold)."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    params: list[jax.ShapeDtypeStruct]
+    inputs: list[jax.ShapeDtypeStruct]
+    optimizer: list[jax.ShapeDtypeStruct]
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Per-device bytes of one compiled step (see the module docstring)."""
+
+    params_bytes: int
+    optimizer_bytes: int
+    input_bytes: int
+    temp_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    total_bytes: int
+    argument_bytes: int  # the compiled executable's own count of params + optimizer + inputs (a cross-check)
+    devices: int
+    mesh: dict[str, int]
+    platform: str
+    step: str
+    batch: int
+    seq_len: int
+    dtype: str
+    lower_s: float
+    compile_s: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def shardings(model: GptOss, mesh: Mesh) -> dict[str, NamedSharding]:
+    """The NamedSharding of every parameter by dotted name (MeshError if the mesh cannot split one)."""
+    return {name: named_sharding(var.get_metadata()["axes"], var.shape, mesh, name)
+            for name, var in flat_params(model).items()}
+
+
+def abstract_sharded_model(cfg: ModelConfig, mesh: Mesh, dtype: jnp.dtype) -> GptOss:
+    """The model with every parameter a ShapeDtypeStruct carrying its NamedSharding on `mesh` (nothing allocated)."""
+    model = abstract_model(cfg, dtype)
+    placed = shardings(model, mesh)
+    for name, var in flat_params(model).items():
+        var.set_value(jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=placed[name]))
+    return model
+
+
+def shard_params(model: GptOss, mesh: Mesh) -> GptOss:
+    """Move every parameter onto its NamedSharding on `mesh`, in place; returns the model."""
+    placed = shardings(model, mesh)
+    for name, var in flat_params(model).items():
+        var.set_value(jax.device_put(var[...], placed[name]))
+    return model
+
+
+def batch_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
+    """Split dim 0 (batch) of an array of `shape` over the mesh's data and fsdp axes; the rest replicated."""
+    axes = tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
+    size = math.prod(mesh.shape[a] for a in axes)
+    if shape[0] % size:
+        raise MeshError(f"batch {shape[0]} cannot be split {size} ways over mesh axes {axes}; "
+                        f"use a multiple of {size}")
+    lead = axes[0] if len(axes) == 1 else (axes or None)
+    return NamedSharding(mesh, PartitionSpec(lead, *(None,) * (len(shape) - 1)))
+
+
+def batch_parallel_size(mesh_shape: Mapping[str, int]) -> int:
+    """How many ways the batch is split (the product of the data and fsdp axes)."""
+    return math.prod(mesh_shape.get(a, 1) for a in BATCH_AXES)
+
+
+def mesh_devices(n: int) -> list[jax.Device]:
+    """The default backend's devices if it has `n`, else the host CPU devices (fake ones on a CPU-only machine)."""
+    return jax.devices() if len(jax.devices()) >= n else jax.devices("cpu")
+
+
+def per_device_bytes(arrays: Iterable[jax.ShapeDtypeStruct]) -> int:
+    """Exact bytes held by the fullest device when each array lives on its sharding."""
+    totals: dict[Any, int] = defaultdict(int)
+    for a in arrays:
+        itemsize = np.dtype(a.dtype).itemsize
+        for device, index in a.sharding.devices_indices_map(a.shape).items():
+            totals[device] += itemsize * math.prod(len(range(*s.indices(d))) for s, d in zip(index, a.shape,
+                                                                                             strict=True))
+    return max(totals.values(), default=0)
+
+
+# ------------------------------------------------------------------ steps
+
+
+def prefill_step(model: GptOss, mesh: Mesh, batch: int, seq_len: int) -> Step:
+    """The model's full-sequence forward: tokens [B, T] (batch over data/fsdp) -> logits [B, T, V] float32."""
+    graphdef, state = nnx.split(model)
+
+    def prefill(state, tokens):
+        return forward(nnx.merge(graphdef, state), tokens)
+
+    tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32, sharding=batch_sharding(mesh, (batch, seq_len)))
+    return Step(prefill, (state, tokens), params=jax.tree.leaves(state), inputs=[tokens], optimizer=[])
+
+
+STEPS: dict[str, Callable[[GptOss, Mesh, int, int], Step]] = {"prefill": prefill_step}
+NOT_YET = {
+    "train": "training does not exist in oss-jax yet (a later issue), so the train step cannot be planned; "
+             "only the prefill forward can",
+    "decode": "the decode step (with a KV cache) does not exist in oss-jax yet, so it cannot be planned; "
+              "only the prefill forward can",
+}
+
+
+def step_builder(step: str) -> Callable[[GptOss, Mesh, int, int], Step]:
+    """The builder of a named step; PlanError for one that does not exist (yet)."""
+    if step in NOT_YET:
+        raise PlanError(NOT_YET[step])
+    if step not in STEPS:
+        raise PlanError(f"unknown step {step!r}; plannable: {sorted(STEPS)}")
+    return STEPS[step]
+
+
+# ------------------------------------------------------------------ the plan
+
+
+def plan(cfg: ModelConfig, mesh: Mesh, *, step: str = "prefill", batch: int | None = None, seq_len: int = 4096,
+         dtype: str = "bf16") -> MemoryPlan:
+    """Lower and compile `step` of the model `cfg` on `mesh` from abstract inputs; per-device bytes and timings.
+
+    `batch` defaults to one sequence per batch shard (the product of the data and fsdp axes).
+    """
+    build = step_builder(step)
+    if dtype not in DTYPES:
+        raise PlanError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
+    batch = batch or batch_parallel_size(mesh.shape)
+    model = abstract_sharded_model(cfg, mesh, DTYPES[dtype])  # MeshError here, before any compiling
+    s = build(model, mesh, batch, seq_len)
+    with jax.set_mesh(mesh):
+        t0 = time.perf_counter()
+        lowered = jax.jit(s.fn).lower(*s.args)
+        t1 = time.perf_counter()
+        compiled = lowered.compile()
+        t2 = time.perf_counter()
+    mem = compiled.memory_analysis()
+    params, optimizer, inputs = (per_device_bytes(x) for x in (s.params, s.optimizer, s.inputs))
+    temp, output, alias = (int(mem.temp_size_in_bytes), int(mem.output_size_in_bytes),
+                           int(mem.alias_size_in_bytes))
+    return MemoryPlan(
+        params_bytes=params, optimizer_bytes=optimizer, input_bytes=inputs, temp_bytes=temp,
+        output_bytes=output, alias_bytes=alias, total_bytes=params + optimizer + inputs + temp + output - alias,
+        argument_bytes=int(mem.argument_size_in_bytes), devices=mesh.size, mesh=dict(mesh.shape),
+        platform=mesh.devices.flat[0].platform, step=step, batch=batch, seq_len=seq_len, dtype=dtype,
+        lower_s=round(t1 - t0, 2), compile_s=round(t2 - t1, 2))
+
+
+def format_plan(p: Mapping[str, Any], model: str = "") -> str:
+    """A human table of a plan's dict (as printed by `oss-jax plan`)."""
+    mesh = ", ".join(f"{k}={v}" for k, v in p["mesh"].items())
+    lines = [f"memory plan: {model} {p['step']}, batch {p['batch']} x {p['seq_len']} tokens, {p['dtype']}, "
+             f"mesh {mesh} ({p['devices']} {p['platform']} devices); lowered in {p['lower_s']:.1f} s, "
+             f"compiled in {p['compile_s']:.1f} s",
+             f"{'per device':<12}{'bytes':>18}{'GiB':>10}"]
+    for key in ("params", "optimizer", "input", "temp", "output", "total"):
+        n = p[f"{key}_bytes"]
+        lines.append(f"{key:<12}{n:>18,}{n / 2**30:>10.2f}")
+    expected = p["params_bytes"] + p["optimizer_bytes"] + p["input_bytes"]
+    check = "matches" if p["argument_bytes"] == expected else "DOES NOT match"
+    lines.append(f"the compiled executable's arguments: {p['argument_bytes']:,} bytes ({check} params + optimizer "
+                 f"+ input)")
+    return "\n".join(lines)
