@@ -108,7 +108,7 @@ def header_messages(reasoning: str = "medium", developer: str | None = None,
     return out
 
 
-def render_conversation(messages: Sequence[dict[str, Any] | Message], reasoning: str = "low",
+def render_conversation(messages: Sequence[dict[str, Any] | Message], reasoning: str = "medium",
                         developer: str | None = None, tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
     """Prompt ids: system + developer + `messages`, ending with `<|start|>assistant` for the model to complete."""
     conversation = Conversation.from_messages(header_messages(reasoning, developer, tools) +

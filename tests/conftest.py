@@ -4,6 +4,8 @@ import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# keep the tokenizer cache (a ~28 MB tokenizer.json built from toktok's ranks) out of the user's home
+os.environ.setdefault("OSS_JAX_CACHE", os.path.join(os.environ.get("TMPDIR", "/tmp"), f"oss-jax-test-cache-{os.getpid()}"))
 
 import jax  # noqa: E402,F401  (imported after XLA_FLAGS on purpose)
 import pytest  # noqa: E402
