@@ -1,11 +1,16 @@
 """Every test runs with 8 host CPU devices so sharding tests use a real 8-device mesh."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # keep the tokenizer cache (a ~28 MB tokenizer.json built from toktok's ranks) out of the user's home
-os.environ.setdefault("OSS_JAX_CACHE", os.path.join(os.environ.get("TMPDIR", "/tmp"), f"oss-jax-test-cache-{os.getpid()}"))
+if "OSS_JAX_CACHE" not in os.environ:
+    os.environ["OSS_JAX_CACHE"] = tempfile.mkdtemp(prefix="oss-jax-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["OSS_JAX_CACHE"], True)
 
 import jax  # noqa: E402,F401  (imported after XLA_FLAGS on purpose)
 import pytest  # noqa: E402
