@@ -21,7 +21,8 @@ from convert.synthetic import make_checkpoint
 from convert.writer import write_checkpoint
 from oss_jax.config import ModelConfig
 from oss_jax.model import forward, model_from_params
-from oss_jax.plan import batch_sharding, shard_params
+from oss_jax.plan import batch_sharding
+from oss_jax.sharding import shard_model
 
 
 def openai_logits(original_dir: str | Path, tokens: np.ndarray, *, bf16: bool = False) -> np.ndarray:
@@ -58,10 +59,9 @@ def ours_logits(cfg: ModelConfig, params: dict[str, np.ndarray], tokens: np.ndar
     model = model_from_params(cfg, params, dtype=jnp.bfloat16 if bf16 else jnp.float32)
     if mesh is None:
         return np.asarray(forward(model, jnp.asarray(tokens, jnp.int32)))
-    shard_params(model, mesh)
-    with jax.set_mesh(mesh):
-        x = jax.device_put(jnp.asarray(tokens, jnp.int32), batch_sharding(mesh, tokens.shape))
-        return np.asarray(forward(model, x))
+    shard_model(model, mesh)  # forward() then runs on the parameters' mesh (expert-parallel MoE)
+    x = jax.device_put(jnp.asarray(tokens, jnp.int32), batch_sharding(mesh, tokens.shape))
+    return np.asarray(forward(model, x))
 
 
 def kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:

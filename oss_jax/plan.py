@@ -92,14 +92,6 @@ def abstract_sharded_model(cfg: ModelConfig, mesh: Mesh, dtype: jnp.dtype) -> Gp
     return model
 
 
-def shard_params(model: GptOss, mesh: Mesh) -> GptOss:
-    """Move every parameter onto its NamedSharding on `mesh`, in place; returns the model."""
-    placed = shardings(model, mesh)
-    for name, var in flat_params(model).items():
-        var.set_value(jax.device_put(var[...], placed[name]))
-    return model
-
-
 def batch_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
     """Split dim 0 (batch) of an array of `shape` over the mesh's data and fsdp axes; the rest replicated."""
     axes = tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
