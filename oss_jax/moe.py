@@ -43,6 +43,53 @@ def swiglu(h: jax.Array, limit: float, alpha: float) -> jax.Array:
     return gate * jax.nn.sigmoid(alpha * gate) * (linear + 1.0)
 
 
+def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """lhs [A, D] (rows grouped by expert, sizes [E]) x rhs [E, D, N] -> [A, N] float32; rows past the groups -> 0.
+
+    `jax.lax.ragged_dot`, except on CPU, where XLA lowers it to a dense product against every expert (E times the
+    work and an [E, A, D] buffer): there, row tiles run through a scan that multiplies only the experts each tile
+    holds (at most tiles + E - 1 small GEMMs; decode reads just the routed experts' weights).
+    """
+    if jax.default_backend() != "cpu":
+        return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=jnp.float32)
+    return _tiled_grouped_matmul(lhs, rhs, group_sizes)
+
+
+@jax.custom_vjp
+def _tiled_grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    a, d = lhs.shape
+    e, _, n = rhs.shape
+    tile = min(64, -(-a // 8) * 8)
+    tiles = -(-a // tile)
+    x = jnp.pad(lhs, ((0, tiles * tile - a), (0, 0))).reshape(tiles, tile, d)
+    group = jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(tiles * tile), side="right").reshape(tiles, tile)
+    first, last = group[:, 0], jnp.minimum(group[:, -1], e - 1)
+
+    def one_tile(_, i):
+        def one_expert(j, acc):
+            y = jnp.dot(x[i], rhs[j], preferred_element_type=jnp.float32)
+            return jnp.where((group[i] == j)[:, None], y, acc)
+        return None, jax.lax.fori_loop(first[i], last[i] + 1, one_expert, jnp.zeros((tile, n), jnp.float32))
+
+    _, out = jax.lax.scan(one_tile, None, jnp.arange(tiles))
+    return out.reshape(tiles * tile, n)[:a]
+
+
+def _tiled_fwd(lhs, rhs, group_sizes):
+    return _tiled_grouped_matmul(lhs, rhs, group_sizes), (lhs, rhs, group_sizes)
+
+
+def _tiled_bwd(res, g):
+    lhs, rhs, group_sizes = res  # gradients through ragged_dot's own rules (dense on CPU, but exact)
+    _, vjp = jax.vjp(lambda a, b: jax.lax.ragged_dot(a, b, group_sizes, preferred_element_type=jnp.float32),
+                     lhs, rhs)
+    d_lhs, d_rhs = vjp(g)
+    return d_lhs, d_rhs, None
+
+
+_tiled_grouped_matmul.defvjp(_tiled_fwd, _tiled_bwd)
+
+
 def expert_mlp(rows: jax.Array, expert_ids: jax.Array, group_sizes: jax.Array, w1: jax.Array, b1: jax.Array,
                w2: jax.Array, b2: jax.Array, cfg: ModelConfig, dtype: jnp.dtype, tensor_axis: str | None = None
                ) -> jax.Array:
@@ -52,9 +99,9 @@ def expert_mlp(rows: jax.Array, expert_ids: jax.Array, group_sizes: jax.Array, w
     past sum(group_sizes) are padding and come out as b2 of their (clamped) id. With `tensor_axis`, F is split
     over that mesh axis and the partial mlp2 products are summed across it.
     """
-    h = jax.lax.ragged_dot(rows.astype(dtype), w1.astype(dtype), group_sizes, preferred_element_type=jnp.float32)
+    h = grouped_matmul(rows.astype(dtype), w1.astype(dtype), group_sizes)
     h = swiglu(h + b1[expert_ids], cfg.swiglu_limit, cfg.swiglu_alpha)
-    y = jax.lax.ragged_dot(h.astype(dtype), w2.astype(dtype), group_sizes, preferred_element_type=jnp.float32)
+    y = grouped_matmul(h.astype(dtype), w2.astype(dtype), group_sizes)
     if tensor_axis is not None:
         y = jax.lax.psum(y, tensor_axis)
     return y + b2[expert_ids]
