@@ -131,7 +131,7 @@ def _check_disk(dst: Path, needed: int) -> None:
 def convert_checkpoint(src: str | Path, dst: str | Path, *, experts: str = "packed", dtype: str | None = None,
                        overwrite: bool = False, progress: bool = True, group_bytes: int = GROUP_BYTES) -> Summary:
     """Convert a HF or original-layout safetensors checkpoint into an Orbax checkpoint directory at `dst`."""
-    src, dst = Path(src), Path(dst)
+    src, dst = Path(src), Path(dst).absolute()  # Orbax wants absolute paths
     if experts not in EXPERT_FORMATS:
         raise ValueError(f"experts must be one of {EXPERT_FORMATS}, got {experts!r}")
     if dtype is not None and dtype not in DTYPES:
@@ -168,7 +168,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, experts: str = "pack
 def export_checkpoint(src: str | Path, dst: str | Path, *, max_shard_bytes: int = MAX_SHARD_BYTES,
                       overwrite: bool = False, progress: bool = True) -> Summary:
     """Write an Orbax checkpoint directory (from `convert` or training) as a HF-layout safetensors checkpoint."""
-    src, dst = Path(src), Path(dst)
+    src, dst = Path(src).absolute(), Path(dst).absolute()
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} already exists (pass --overwrite to replace it)")
     t0 = time.perf_counter()

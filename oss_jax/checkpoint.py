@@ -79,7 +79,7 @@ def stored_axes(name: str, model_axes: dict[str, tuple[str | None, ...]]) -> tup
 
 def stored_metadata(path: str | Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Stored leaf name -> (shape, dtype), from the Orbax metadata (no array is read)."""
-    params = Path(path) / PARAMS
+    params = Path(path).absolute() / PARAMS
     if not params.is_dir():
         raise CheckpointError(f"{path}: no {PARAMS}/ Orbax checkpoint (convert one with `oss-jax convert`)")
     meta = ocp.metadata(params).metadata
@@ -88,7 +88,7 @@ def stored_metadata(path: str | Path) -> dict[str, tuple[tuple[int, ...], np.dty
 
 def restore(path: str | Path, mesh: Mesh | None = None, names: Iterable[str] | None = None) -> dict[str, jax.Array]:
     """Stored leaves by name (all, or `names`), each read straight into its sharding on `mesh`."""
-    path = Path(path)
+    path = Path(path).absolute()  # Orbax wants absolute paths
     cfg = ModelConfig.from_file(path)
     meta = stored_metadata(path)
     wanted = set(meta) if names is None else set(names)

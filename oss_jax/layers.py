@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from oss_jax.cache import LayerCache
 from oss_jax.config import ModelConfig
 from oss_jax.params import param
 
@@ -77,9 +78,9 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None) -> jax.Array:
-    """q_pos [B, T], k_pos [B, S] -> bool [B, T, S]: causal, and within `window` keys (self included)."""
+    """q_pos [B, T], k_pos [B, S] -> bool [B, T, S]: causal, within `window` keys (self included); k_pos -1 = empty."""
     diff = q_pos[:, :, None] - k_pos[:, None, :]
-    mask = diff >= 0
+    mask = (diff >= 0) & (k_pos[:, None, :] >= 0)
     if window is not None:
         mask &= diff < window
     return mask
@@ -114,8 +115,12 @@ class Attention(nnx.Module):
         self.o_bias = param(rngs, (d,), ("embed",), jnp.float32, init="zeros")
         self.sinks = param(rngs, (n,), ("q_heads",), jnp.float32, init="zeros")
 
-    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-        """x [B, T, D] (normed), positions [B, T] -> [B, T, D] float32."""
+    def __call__(self, x: jax.Array, positions: jax.Array, cache: LayerCache | None = None
+                 ) -> tuple[jax.Array, LayerCache | None]:
+        """x [B, T, D] (normed), positions [B, T] (-1 = padding) -> [B, T, D] float32 and the updated cache.
+
+        With a cache, the new tokens attend to what it holds plus themselves, then are written into it.
+        """
         cfg, dt = self.cfg, self.dtype
         x = x.astype(dt)
         q = jnp.einsum("BTD,DNH->BTNH", x, self.q_kernel[...].astype(dt), preferred_element_type=jnp.float32)
@@ -126,9 +131,15 @@ class Attention(nnx.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         b, t = q.shape[:2]
         q = q.reshape(b, t, cfg.num_key_value_heads, cfg.q_per_kv, cfg.head_dim)
-        mask = attention_mask(positions, positions, self.window)
+        keys, values, k_pos = k, v, positions
+        if cache is not None:
+            keys = jnp.concatenate([cache.k.astype(k.dtype), k], axis=1)
+            values = jnp.concatenate([cache.v.astype(v.dtype), v], axis=1)
+            k_pos = jnp.concatenate([cache.pos, positions], axis=1)
+            cache = cache.write(k, v, positions)
+        mask = attention_mask(positions, k_pos, self.window)
         sinks = self.sinks[...].reshape(cfg.num_key_value_heads, cfg.q_per_kv)
-        out = attend(q.astype(dt), k.astype(dt), v.astype(dt), sinks, mask, 1.0 / math.sqrt(cfg.head_dim))
+        out = attend(q.astype(dt), keys.astype(dt), values.astype(dt), sinks, mask, 1.0 / math.sqrt(cfg.head_dim))
         out = out.reshape(b, t, cfg.num_attention_heads, cfg.head_dim).astype(dt)
         o = self.o_kernel[...].astype(dt)
-        return jnp.einsum("BTNH,NHD->BTD", out, o, preferred_element_type=jnp.float32) + self.o_bias[...]
+        return jnp.einsum("BTNH,NHD->BTD", out, o, preferred_element_type=jnp.float32) + self.o_bias[...], cache

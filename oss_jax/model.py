@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from oss_jax.cache import LayerCache
 from oss_jax.config import ModelConfig
 from oss_jax.layers import Attention, RMSNorm
 from oss_jax.moe import MoE
@@ -31,10 +32,12 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg, rngs=rngs)
         self.moe = MoE(cfg, rngs=rngs, dtype=dtype)
 
-    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-        """x [B, T, D] float32 residual stream -> same."""
-        x = x + self.attn(self.attn_norm(x), positions)
-        return x + self.moe(self.mlp_norm(x))
+    def __call__(self, x: jax.Array, positions: jax.Array, cache: LayerCache | None = None
+                 ) -> tuple[jax.Array, LayerCache | None]:
+        """x [B, T, D] float32 residual stream -> same, and the layer's updated cache."""
+        h, cache = self.attn(self.attn_norm(x), positions, cache)
+        x = x + h
+        return x + self.moe(self.mlp_norm(x)), cache
 
 
 class GptOss(nnx.Module):
@@ -48,14 +51,24 @@ class GptOss(nnx.Module):
         self.unembed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
-        """tokens [B, T] int -> logits [B, T, V] float32."""
+        """tokens [B, T] int -> logits [B, T, V] float32 (positions default to 0..T-1)."""
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        return self.unembed_logits(self.hidden(tokens, positions, None)[0])
+
+    def hidden(self, tokens: jax.Array, positions: jax.Array, caches: list[LayerCache] | None
+               ) -> tuple[jax.Array, list[LayerCache] | None]:
+        """tokens [B, T] at positions [B, T] (-1 = padding) -> final-normed hidden [B, T, D] and updated caches."""
         x = jnp.take(self.embed[...], tokens, axis=0).astype(jnp.float32)
-        for block in self.layers:
-            x = block(x, positions)
-        x = self.final_norm(x).astype(self.dtype)
-        return jnp.einsum("BTD,VD->BTV", x, self.unembed[...].astype(self.dtype),
+        new_caches = []
+        for i, block in enumerate(self.layers):
+            x, cache = block(x, positions, None if caches is None else caches[i])
+            new_caches.append(cache)
+        return self.final_norm(x), (None if caches is None else new_caches)
+
+    def unembed_logits(self, x: jax.Array) -> jax.Array:
+        """[..., D] -> [..., V] float32."""
+        return jnp.einsum("...D,VD->...V", x.astype(self.dtype), self.unembed[...].astype(self.dtype),
                           preferred_element_type=jnp.float32)
 
 

@@ -1,0 +1,146 @@
+"""Generation: chunked prefill into a KV cache, then a jitted one-token decode step with the cache donated.
+
+Shapes are bucketed (prompt chunk, cache length) so a new prompt length rarely means a new compile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from oss_jax.cache import LayerCache, init_cache
+from oss_jax.model import GptOss, model_mesh
+
+STOP_TOKENS = (200002, 200012)  # <|return|>, <|call|>
+
+
+class GenerationError(ValueError):
+    """A request that cannot be generated (empty prompt, token outside the vocabulary, beyond the context)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """temperature 0 = greedy; top_k 0 = off; top_p 1 = off."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+def sample(logits: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
+    """logits [B, V] -> token ids [B] int32."""
+    if s.temperature <= 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / s.temperature
+    if s.top_k > 0:
+        kth = jax.lax.top_k(logits, s.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if s.top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        cutoff_index = jnp.sum(cum < s.top_p, axis=-1, keepdims=True)
+        cutoff = jnp.take_along_axis(sorted_logits, cutoff_index, axis=-1)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@nnx.jit
+def prefill_step(model: GptOss, tokens: jax.Array, positions: jax.Array, caches: list[LayerCache]
+                 ) -> tuple[jax.Array, list[LayerCache]]:
+    """One prompt chunk: tokens/positions [B, C] (-1 = padding) -> logits at each row's last position [B, V]."""
+    hidden, caches = model.hidden(tokens, positions, caches)
+    last = jnp.argmax(positions, axis=1)
+    return model.unembed_logits(hidden[jnp.arange(hidden.shape[0]), last]), caches
+
+
+@nnx.jit(donate_argnums=(3,))
+def decode_step(model: GptOss, tokens: jax.Array, positions: jax.Array, caches: list[LayerCache]
+                ) -> tuple[jax.Array, list[LayerCache]]:
+    """One new token per row: tokens/positions [B] -> logits [B, V]; the cache is donated and updated in place."""
+    hidden, caches = model.hidden(tokens[:, None], positions[:, None], caches)
+    return model.unembed_logits(hidden[:, 0]), caches
+
+
+def _bucket(n: int, minimum: int = 16) -> int:
+    return max(minimum, 1 << (n - 1).bit_length())
+
+
+def check_request(model: GptOss, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+    """Clear errors before anything compiles."""
+    cfg = model.cfg
+    if not prompts:
+        raise GenerationError("no prompts given")
+    if max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise GenerationError(f"prompt {i} is empty")
+        bad = [t for t in p if not 0 <= int(t) < cfg.vocab_size]
+        if bad:
+            raise GenerationError(f"prompt {i} has token id {bad[0]} outside the vocabulary (size {cfg.vocab_size})")
+        if len(p) + max_new_tokens > cfg.max_position_embeddings:
+            raise GenerationError(f"prompt {i}: {len(p)} tokens + {max_new_tokens} new exceed the context of "
+                                  f"{cfg.max_position_embeddings}")
+
+
+def generate(model: GptOss, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
+             sampling: Sampling = Sampling(), stop_tokens: Sequence[int] = STOP_TOKENS, chunk: int = 512,
+             on_token: Callable[[np.ndarray, np.ndarray], None] | None = None) -> list[list[int]]:
+    """Continue each prompt (token ids; lengths may differ) until a stop token or max_new_tokens.
+
+    Returns the new tokens per prompt (a stop token included when one ended it). `on_token(ids [B], done [B])`
+    streams each step.
+    """
+    check_request(model, prompts, max_new_tokens)
+    mesh = model_mesh(model)
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        return _generate(model, prompts, max_new_tokens, sampling, tuple(stop_tokens), chunk, on_token)
+
+
+def _generate(model, prompts, max_new_tokens, sampling, stop_tokens, chunk, on_token):
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    batch, longest = len(prompts), int(lengths.max())
+    width = min(_bucket(longest), chunk)  # prompt chunk length
+    n_chunks = -(-longest // width)
+    caches = init_cache(model.cfg, batch, _bucket(n_chunks * width + max_new_tokens, 64))
+    padded = np.zeros((batch, n_chunks * width), np.int32)
+    for i, p in enumerate(prompts):
+        padded[i, : len(p)] = p
+    last_logits = None
+    for c in range(n_chunks):
+        pos = np.arange(c * width, (c + 1) * width, dtype=np.int32)[None].repeat(batch, 0)
+        pos = np.where(pos < lengths[:, None], pos, -1)
+        logits, caches = prefill_step(model, jnp.asarray(padded[:, c * width:(c + 1) * width]), jnp.asarray(pos),
+                                      caches)
+        ends_here = ((lengths - 1) // width == c)[:, None]
+        last_logits = logits if last_logits is None else jnp.where(ends_here, logits, last_logits)
+    key = jax.random.key(sampling.seed)
+    out = np.zeros((batch, max_new_tokens), np.int32)
+    done = np.zeros(batch, bool)
+    steps = 0
+    for step in range(max_new_tokens):
+        key, sub = jax.random.split(key)
+        ids = np.asarray(sample(last_logits, sub, sampling))
+        out[:, step] = ids
+        steps = step + 1
+        finished_now = ~done & np.isin(ids, stop_tokens)
+        if on_token is not None:
+            on_token(ids, done.copy())
+        done |= finished_now
+        if done.all() or step == max_new_tokens - 1:
+            break
+        last_logits, caches = decode_step(model, jnp.asarray(ids), jnp.asarray(lengths + step), caches)
+    results = []
+    for i in range(batch):
+        row = out[i, :steps].tolist()
+        stops = [j for j, t in enumerate(row) if t in stop_tokens]
+        results.append(row[: stops[0] + 1] if stops else row)
+    return results
