@@ -14,6 +14,8 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+
 # Parity bounds of the Foundations issue (float32 vs each reference; bf16 KL vs the reference's own bf16 KL).
 MAX_ABS_BOUND = 1e-4
 KL_RATIO_BOUND = 1.5
@@ -243,8 +245,20 @@ def load_model(ckpt: Path, mesh_spec: str | None = None, dtype: str = "fp32"):
     return model
 
 
+def _stop_string_watcher(tok, n: int, stop_strings: list[str]):
+    """on_token callback: stop a row once its decoded text contains one of `stop_strings`."""
+    texts = [""] * n
+
+    def watch(new, done):
+        for i in range(n):
+            if not done[i]:
+                texts[i] += tok.decode([int(new[i])], skip_special_tokens=False)
+        return np.array([any(s in t for s in stop_strings) for t in texts])
+    return watch
+
+
 def run_generate(model, ckpt: Path, prompts: list[str], *, raw: bool, reasoning: str, max_new_tokens: int,
-                 sampling, stream: bool = False) -> list[dict]:
+                 sampling, stream: bool = False, stop_strings: list[str] | None = None) -> list[dict]:
     """Tokenize (harmony chat unless raw), generate, and decode; one dict per prompt."""
     from oss_jax import chat
     from oss_jax.generate import STOP_TOKENS, generate
@@ -253,11 +267,13 @@ def run_generate(model, ckpt: Path, prompts: list[str], *, raw: bool, reasoning:
     tok = load_tokenizer(ckpt)
     ids = [tok.encode(p, add_special_tokens=False).ids if raw else
            chat.render_conversation([{"role": "user", "content": p}], reasoning=reasoning) for p in prompts]
-    on_token = None
+    watch = _stop_string_watcher(tok, len(prompts), stop_strings) if stop_strings else None
+    on_token = watch
     if stream and len(prompts) == 1:
         def on_token(new, done):
             if not done[0]:
                 print(tok.decode([int(new[0])], skip_special_tokens=False), end="", flush=True)
+            return watch(new, done) if watch else None
     outs = generate(model, ids, max_new_tokens=max_new_tokens, sampling=sampling,
                     stop_tokens=() if raw else STOP_TOKENS, on_token=on_token)
     if on_token is not None:
@@ -282,7 +298,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model = load_model(args.ckpt, args.mesh, args.dtype)
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     results = run_generate(model, args.ckpt, args.prompt, raw=args.raw, reasoning=args.reasoning,
-                           max_new_tokens=args.max_new_tokens, sampling=sampling, stream=not args.json)
+                           max_new_tokens=args.max_new_tokens, sampling=sampling, stream=not args.json,
+                           stop_strings=args.stop)
     if args.json:
         print(json.dumps(results))
     else:
@@ -291,6 +308,63 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 print(f"--- {r['prompt']!r}\n{r['text']}")
             if r.get("final") is not None:
                 print(f"final: {r['final']}")
+    return 0
+
+
+def _channel_printer(show_reasoning: bool):
+    """on_token callback: feed harmony's streaming parser, print the final channel (and analysis if asked)."""
+    from openai_harmony import Role, StreamableParser
+
+    from oss_jax import chat
+
+    parser = StreamableParser(chat.encoding(), Role.ASSISTANT, strict=False)
+    state = {"channel": None}
+
+    def on_token(new, done):
+        if done[0]:
+            return None
+        try:
+            parser.process(int(new[0]))
+        except Exception:  # malformed output (e.g. random weights): nothing printable on a channel
+            return None
+        channel, delta = parser.current_channel, parser.last_content_delta
+        if delta and (channel == "final" or (show_reasoning and channel == "analysis")):
+            if channel != state["channel"]:
+                print(f"\n[{channel}] ", end="")
+                state["channel"] = channel
+            print(delta, end="", flush=True)
+        return None
+    return on_token
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from oss_jax import chat
+    from oss_jax.generate import STOP_TOKENS, Sampling, generate
+
+    model = load_model(args.ckpt, args.mesh, args.dtype)
+    sampling = Sampling(temperature=args.temperature, seed=args.seed)
+    messages: list[dict] = []
+    print("chat with the model: an empty line does nothing, /exit (or Ctrl-D) leaves; tools are not executed")
+    while True:
+        try:
+            line = input("\nyou> ").strip()
+        except EOFError:
+            break
+        if line in ("/exit", "/quit"):
+            break
+        if not line:
+            continue
+        messages.append({"role": "user", "content": line})
+        ids = chat.render_conversation(messages, reasoning=args.reasoning, developer=args.system)
+        print("assistant>", end="", flush=True)
+        new = generate(model, [ids], max_new_tokens=args.max_new_tokens, sampling=sampling, stop_tokens=STOP_TOKENS,
+                       on_token=_channel_printer(args.show_reasoning))[0]
+        print()
+        try:
+            final = chat.parse_completion(new)["final"] or ""
+        except Exception:
+            final = ""
+        messages.append({"role": "assistant", "channel": "final", "content": final})
     return 0
 
 
@@ -385,7 +459,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     g.add_argument("--raw", action="store_true", help="feed the prompt as plain text, no chat format")
     g.add_argument("--json", action="store_true", help="print token ids and text per prompt as JSON")
+    g.add_argument("--stop", action="append", default=None, help="stop a prompt's output at this text (repeatable)")
     g.set_defaults(func=cmd_generate)
+
+    ch = sub.add_parser("chat", help="interactive harmony chat with a checkpoint (executes no tools)")
+    ch.add_argument("--ckpt", type=Path, required=True)
+    ch.add_argument("--reasoning", choices=("low", "medium", "high"), default="medium")
+    ch.add_argument("--system", default=None, help="developer instructions")
+    ch.add_argument("--show-reasoning", action="store_true", help="also stream the analysis channel")
+    ch.add_argument("--max-new-tokens", type=int, default=512)
+    ch.add_argument("--temperature", type=float, default=0.0)
+    ch.add_argument("--seed", type=int, default=0)
+    ch.add_argument("--mesh", default=None)
+    ch.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    ch.set_defaults(func=cmd_chat)
 
     d = sub.add_parser("demo", help="tiny checkpoint -> convert -> restore sharded on 8 devices -> generate")
     d.add_argument("--out-dir", default="oss-jax-demo")

@@ -93,11 +93,11 @@ def check_request(model: GptOss, prompts: Sequence[Sequence[int]], max_new_token
 
 def generate(model: GptOss, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
              sampling: Sampling = Sampling(), stop_tokens: Sequence[int] = STOP_TOKENS, chunk: int = 512,
-             on_token: Callable[[np.ndarray, np.ndarray], None] | None = None) -> list[list[int]]:
+             on_token: Callable[[np.ndarray, np.ndarray], np.ndarray | None] | None = None) -> list[list[int]]:
     """Continue each prompt (token ids; lengths may differ) until a stop token or max_new_tokens.
 
     Returns the new tokens per prompt (a stop token included when one ended it). `on_token(ids [B], done [B])`
-    streams each step.
+    streams each step; it may return a bool [B] of rows to stop after this token (e.g. a stop string appeared).
     """
     check_request(model, prompts, max_new_tokens)
     mesh = model_mesh(model)
@@ -125,22 +125,19 @@ def _generate(model, prompts, max_new_tokens, sampling, stop_tokens, chunk, on_t
     key = jax.random.key(sampling.seed)
     out = np.zeros((batch, max_new_tokens), np.int32)
     done = np.zeros(batch, bool)
-    steps = 0
+    ended = np.full(batch, max_new_tokens)  # tokens kept per row
     for step in range(max_new_tokens):
         key, sub = jax.random.split(key)
         ids = np.asarray(sample(last_logits, sub, sampling))
         out[:, step] = ids
-        steps = step + 1
         finished_now = ~done & np.isin(ids, stop_tokens)
         if on_token is not None:
-            on_token(ids, done.copy())
+            stop = on_token(ids, done.copy())
+            if stop is not None:
+                finished_now |= ~done & np.asarray(stop, bool)
+        ended[finished_now] = step + 1
         done |= finished_now
         if done.all() or step == max_new_tokens - 1:
             break
         last_logits, caches = decode_step(model, jnp.asarray(ids), jnp.asarray(lengths + step), caches)
-    results = []
-    for i in range(batch):
-        row = out[i, :steps].tolist()
-        stops = [j for j, t in enumerate(row) if t in stop_tokens]
-        results.append(row[: stops[0] + 1] if stops else row)
-    return results
+    return [out[i, : ended[i]].tolist() for i in range(batch)]

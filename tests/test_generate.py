@@ -132,3 +132,27 @@ def test_generate_cli_json(ckpt, capsys):
     out = json.loads(capsys.readouterr().out)
     assert raw == 0 and out[0]["prompt_tokens"] == 2 and len(out[0]["tokens"]) == 3
     jax.clear_caches()
+
+
+def test_stop_strings_end_a_prompt(ckpt, capsys):
+    from oss_jax.tokenizer import load_tokenizer
+
+    args = ["generate", "--ckpt", str(ckpt), "--prompt", "Hello there", "--raw", "--max-new-tokens", "8", "--json"]
+    assert cli.main(args) == 0
+    full = json.loads(capsys.readouterr().out)[0]["tokens"]
+    stop = load_tokenizer(ckpt).decode([full[2]], skip_special_tokens=False)
+    assert cli.main(args + ["--stop", stop]) == 0
+    cut = json.loads(capsys.readouterr().out)[0]["tokens"]
+    first = next(i for i, t in enumerate(full) if stop in load_tokenizer(ckpt).decode(full[: i + 1]))
+    assert cut == full[: first + 1]
+
+
+def test_chat_cli_keeps_the_conversation_and_exits(ckpt):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "oss_jax.cli", "chat", "--ckpt", str(ckpt), "--max-new-tokens", "4",
+                           "--reasoning", "low"], input="hello\n\nand again\n/exit\n", capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("assistant>") == 2 and "loaded in" in done.stderr
