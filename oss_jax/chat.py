@@ -56,8 +56,8 @@ def encoding(ckpt_dir: str | Path | None = None) -> HarmonyEncoding:
 
 
 def stop_token_ids() -> list[int]:
-    """Ids that end an assistant turn: <|call|> 200012 (tool call) and <|return|> 200002 (final answer)."""
-    return list(encoding().stop_tokens_for_assistant_actions())
+    """Ids that end an assistant turn, sorted: <|return|> 200002 (final answer) and <|call|> 200012 (tool call)."""
+    return sorted(encoding().stop_tokens_for_assistant_actions())
 
 
 def _text(content: Any) -> str:

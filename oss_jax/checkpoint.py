@@ -114,7 +114,7 @@ def _model_axes(cfg: ModelConfig) -> dict[str, tuple[str | None, ...]]:
 
 def _sharding(axes, shape, mesh: Mesh | None, name: str) -> Sharding:
     if mesh is None:
-        return SingleDeviceSharding(jax.devices()[0])
+        return SingleDeviceSharding(jax.local_devices()[0])
     return named_sharding(axes, shape, mesh, name)
 
 
@@ -137,8 +137,10 @@ def load(path: str | Path, mesh: Mesh | None = None, dtype: jnp.dtype = jnp.floa
     return model
 
 
+def _decode_swapped(blocks: jax.Array, scales: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    return jnp.swapaxes(mxfp4.decode_jax(blocks, scales, dtype), 1, 2)
+
+
 def _dequantize(blocks: jax.Array, scales: jax.Array, dtype: jnp.dtype, sharding: Sharding) -> jax.Array:
     """[E, out, in/32, 16] + [E, out, in/32] -> [E, in, out] in `dtype`, computed where the result lives."""
-    def f(b, s):
-        return jnp.swapaxes(mxfp4.decode_jax(b, s, dtype), 1, 2)
-    return jax.jit(f, out_shardings=sharding)(blocks, scales)
+    return jax.jit(_decode_swapped, static_argnums=2, out_shardings=sharding)(blocks, scales, dtype)

@@ -185,14 +185,14 @@ def cmd_parity(args: argparse.Namespace) -> int:
 def _plan_argv(args: argparse.Namespace) -> list[str]:
     """The command line of this plan (for a re-run with more host devices), asking for JSON."""
     argv = ["plan", "--model", args.model, "--mesh", args.mesh, "--seq-len", str(args.seq_len), "--dtype",
-            args.dtype, "--json"]
+            args.dtype, "--step", args.step, "--json"]
     return argv + (["--batch", str(args.batch)] if args.batch else [])
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from oss_jax import plan
 
-    step = "train" if args.train else "prefill"
+    step = "train" if args.train else args.step
     plan.step_builder(step)  # a step that does not exist yet fails here, before any device or compile
     cfg = _config(args.model)
     n = _mesh_size(args.mesh)
@@ -442,6 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--batch", type=int, default=None, help="default: one sequence per data/fsdp shard")
     n.add_argument("--seq-len", type=int, default=4096)
     n.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="parameter and matmul dtype")
+    n.add_argument("--step", choices=("prefill", "decode"), default="prefill",
+                   help="prefill: forward over --seq-len tokens; decode: one token against a --seq-len KV cache")
     n.add_argument("--train", action="store_true", help="plan the train step (does not exist yet: an error)")
     n.add_argument("--json", action="store_true", help="print the plan as JSON")
     n.set_defaults(func=cmd_plan)

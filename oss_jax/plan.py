@@ -8,8 +8,8 @@ for that mesh (fake CPU devices are enough) and its per-device bytes are read of
   temp_bytes       XLA temporaries, from `compiled.memory_analysis()`
   output_bytes     the step's outputs (logits), from `compiled.memory_analysis()`
   total_bytes      params + optimizer + inputs + temp + output - aliased (donated) bytes
-Steps: `prefill` (the full-sequence forward). `decode` (with a KV cache) and `train` are added to STEPS when they
-exist.
+Steps: `prefill` (the full-sequence forward, T = seq_len) and `decode` (one token per row against a KV cache of
+seq_len positions, donated); `train` is added to STEPS when it exists.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from oss_jax.cache import init_cache
 from oss_jax.config import ModelConfig
 from oss_jax.model import GptOss, abstract_model, forward
 from oss_jax.params import flat_params
@@ -49,6 +50,7 @@ class Step:
     params: list[jax.ShapeDtypeStruct]
     inputs: list[jax.ShapeDtypeStruct]
     optimizer: list[jax.ShapeDtypeStruct]
+    donate: tuple[int, ...] = ()  # argument positions the step donates (their buffers are reused for outputs)
 
 
 @dataclass(frozen=True)
@@ -138,12 +140,27 @@ def prefill_step(model: GptOss, mesh: Mesh, batch: int, seq_len: int) -> Step:
     return Step(prefill, (state, tokens), params=jax.tree.leaves(state), inputs=[tokens], optimizer=[])
 
 
-STEPS: dict[str, Callable[[GptOss, Mesh, int, int], Step]] = {"prefill": prefill_step}
+def decode_step(model: GptOss, mesh: Mesh, batch: int, seq_len: int) -> Step:
+    """One generated token per row against a KV cache of `seq_len` positions (donated): -> logits [B, V]."""
+    graphdef, state = nnx.split(model)
+
+    def decode(state, tokens, positions, caches):
+        m = nnx.merge(graphdef, state)
+        hidden, caches = m.hidden(tokens[:, None], positions[:, None], caches)
+        return m.unembed_logits(hidden[:, 0]), caches
+
+    caches = jax.eval_shape(lambda: init_cache(model.cfg, batch, seq_len, model.dtype))
+    caches = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=batch_sharding(mesh, a.shape)),
+                          caches)
+    row = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=batch_sharding(mesh, (batch,)))
+    return Step(decode, (state, row, row, caches), params=jax.tree.leaves(state),
+                inputs=[row, row, *jax.tree.leaves(caches)], optimizer=[], donate=(3,))
+
+
+STEPS: dict[str, Callable[[GptOss, Mesh, int, int], Step]] = {"prefill": prefill_step, "decode": decode_step}
 NOT_YET = {
     "train": "training does not exist in oss-jax yet (a later issue), so the train step cannot be planned; "
-             "only the prefill forward can",
-    "decode": "the decode step (with a KV cache) does not exist in oss-jax yet, so it cannot be planned; "
-              "only the prefill forward can",
+             "only the prefill forward and the decode step can",
 }
 
 
@@ -173,7 +190,7 @@ def plan(cfg: ModelConfig, mesh: Mesh, *, step: str = "prefill", batch: int | No
     s = build(model, mesh, batch, seq_len)
     with jax.set_mesh(mesh):
         t0 = time.perf_counter()
-        lowered = jax.jit(s.fn).lower(*s.args)
+        lowered = jax.jit(s.fn, donate_argnums=s.donate).lower(*s.args)
         t1 = time.perf_counter()
         compiled = lowered.compile()
         t2 = time.perf_counter()

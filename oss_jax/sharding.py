@@ -38,6 +38,9 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
     if math.prod(sizes) > len(devices):
         raise MeshError(f"mesh {dict(zip(names, sizes, strict=True))} needs {math.prod(sizes)} devices, "
                         f"{len(devices)} available")
+    if jax.process_count() > 1 and math.prod(sizes) != len(devices):
+        raise MeshError(f"with {jax.process_count()} processes the mesh must use all {len(devices)} devices, "
+                        f"got {dict(zip(names, sizes, strict=True))}")
     grid = np.asarray(devices[: math.prod(sizes)], dtype=object).reshape(sizes)
     return Mesh(grid, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names))
 

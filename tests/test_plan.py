@@ -94,3 +94,15 @@ def test_parity_on_a_mesh(capsys):
     assert code == 0 and report["pass"] and report["mesh"] == {"expert": 4}
     for ref in ("vs_openai_ref", "vs_hf"):
         assert report[ref]["max_abs"] <= 1e-4 and report[ref]["top1"] == 1.0
+
+
+def test_decode_step_plan_holds_the_kv_cache(tiny_config, capsys):
+    """The decode step's inputs are the tokens, positions and the KV cache (ring buffers on sliding layers)."""
+    from oss_jax.cache import cache_bytes, init_cache
+
+    assert cli.main(["plan", "--model", "tiny", "--mesh", "expert=4", "--step", "decode", "--seq-len", "64",
+                     "--dtype", "fp32", "--json"]) == 0
+    p = json.loads(capsys.readouterr().out)
+    cache = cache_bytes(init_cache(tiny_config, 1, 64))
+    print(p)
+    assert p["step"] == "decode" and p["input_bytes"] == cache + 2 * 4  # batch 1: cache replicated, 2 int32 ids

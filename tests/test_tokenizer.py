@@ -192,7 +192,7 @@ def test_harmony_offline_round_trip(vocab_dir, hf, tmp_path):
     assert run.returncode == 0, run.stderr
     got = json.loads(run.stdout)
     assert not any(p.exists() for p in empty.values())  # nothing was downloaded or cached
-    assert got["stops"] == [200012, 200002]
+    assert got["stops"] == [200002, 200012]  # <|return|>, <|call|>
     prompt, full = got["prompt"], got["full"]
     assert full[:len(prompt)] == prompt and prompt[-2:] == [200006, hf.token_to_id("assistant")]
     assert hf.decode(full, skip_special_tokens=False) == got["text"]
