@@ -192,9 +192,7 @@ def _mxfp4_save(cfg, w):
 
 def hf_rules(cfg: ModelConfig, *, packed: bool = True) -> list[Rule]:
     """The HF <-> parameter table for this config (experts MXFP4-packed or dequantized)."""
-    rules = [Rule("embed", ("model.embed_tokens.weight",), _same, _same_out),
-             Rule("final_norm.scale", ("model.norm.weight",), _same, _same_out),
-             Rule("unembed", ("lm_head.weight",), _same, _same_out)]
+    rules = [Rule("embed", ("model.embed_tokens.weight",), _same, _same_out)]
     for i in range(cfg.num_hidden_layers):
         p, m = f"model.layers.{i}.", f"layers.{i}."
         a, x = p + "self_attn.", p + "mlp.experts."
@@ -223,7 +221,9 @@ def hf_rules(cfg: ModelConfig, *, packed: bool = True) -> list[Rule]:
         else:
             rules += [Rule(m + "moe.mlp1_kernel", (x + "gate_up_proj",), _same, _same_out),
                       Rule(m + "moe.mlp2_kernel", (x + "down_proj",), _same, _same_out)]
-    return rules
+    # model order; the two vocabulary-sized tensors sit apart so a streaming pass never holds both
+    return rules + [Rule("final_norm.scale", ("model.norm.weight",), _same, _same_out),
+                    Rule("unembed", ("lm_head.weight",), _same, _same_out)]
 
 
 def check_tensor(name: str, array_dtype: np.dtype, shape: tuple[int, ...],

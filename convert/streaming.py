@@ -86,9 +86,12 @@ class _GroupSaver:
     def _flush(self) -> None:
         self._wait()
         if self.group:
+            size = sum(a.nbytes for a in self.group.values())
             with self.context:
                 self.pending = ocp.partial.save_async(self.path, nest(self.group))
             self.group = {}
+            if size > 2 * self.group_bytes:  # one huge tensor (an embedding): Orbax copies it; don't read beside it
+                self._wait()
 
     def _wait(self) -> None:
         if self.pending is not None:
