@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +35,7 @@ class CheckpointReader:
             raise LayoutError(f"{self.path}: tensors are neither the HF nor the original gpt-oss layout")
         self.packed = self.layout == ORIGINAL or any(n.endswith("_blocks") for n in names)
         self._hf_to_original: dict[str, str] | None = None
+        self._headers: dict[Path, tuple[int, dict]] = {}
         self._last: tuple[str | None, dict[str, np.ndarray]] = (None, {})
 
     def expected(self) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
@@ -64,10 +66,23 @@ class CheckpointReader:
                     layouts.check_tensor(name, dtype, tuple(sl.get_shape()), expected, str(file))
 
     def get(self, name: str) -> np.ndarray:
+        """One tensor, read straight from its file into a fresh array (no memory map: one copy in memory)."""
         if name not in self.files:
             raise LayoutError(f"{self.path}: tensor {name!r} not found")
-        with _open(self.files[name]) as f:
-            return f.get_tensor(name)
+        file = self.files[name]
+        if file not in self._headers:
+            self._headers[file] = _read_header(file)
+        start, entries = self._headers[file]
+        entry = entries.get(name)
+        if entry is None or entry["dtype"] not in _DTYPES:
+            with _open(file) as f:
+                return f.get_tensor(name)
+        begin, end = entry["data_offsets"]
+        dtype, shape = _DTYPES[entry["dtype"]], tuple(entry["shape"])
+        array = np.fromfile(file, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=start + begin)
+        if array.nbytes != end - begin:
+            raise LayoutError(f"{file}: tensor {name!r} is truncated")
+        return array.reshape(shape)
 
     def get_hf(self, name: str) -> np.ndarray:
         """One tensor by its HF name, whatever the layout (a part of the fused qkv is split out)."""
@@ -105,6 +120,16 @@ def load_params(path: str | Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
 
 
 _DTYPES = {"BF16": layouts.BF16, "U8": layouts.U8, "F32": np.dtype(np.float32), "F16": np.dtype(np.float16)}
+
+
+def _read_header(file: Path) -> tuple[int, dict]:
+    """(byte offset of the data, the safetensors header) of one file."""
+    with open(file, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        try:
+            return 8 + size, json.loads(f.read(size))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise LayoutError(f"{file}: unreadable safetensors header ({e})") from None
 
 
 def _open(file: Path):
