@@ -26,7 +26,7 @@ from oss_jax.config import ModelConfig
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "generation_config.json")
-GROUP_BYTES = 512 << 20  # tensors handed to Orbax per partial save
+GROUP_BYTES = 256 << 20  # tensors handed to Orbax per partial save
 DTYPES = {"bf16": layouts.BF16, "fp32": np.dtype(np.float32)}
 EXPERT_FORMATS = ("packed", "bf16", "fp32")
 
