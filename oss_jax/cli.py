@@ -487,6 +487,8 @@ def _interrupt(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
+    # XLA's C++ warnings (e.g. SPMD resharding notes) drown the CLI's own output; TF_CPP_MIN_LOG_LEVEL=0 shows them
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
     handlers = {}
     if threading.current_thread() is threading.main_thread():
