@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 
 import jax
@@ -52,19 +53,33 @@ def sample(logits: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@nnx.jit
 def prefill_step(model: GptOss, tokens: jax.Array, positions: jax.Array, caches: list[LayerCache]
                  ) -> tuple[jax.Array, list[LayerCache]]:
     """One prompt chunk: tokens/positions [B, C] (-1 = padding) -> logits at each row's last position [B, V]."""
+    graphdef, state = nnx.split(model)
+    return _prefill(graphdef, state, tokens, positions, caches)
+
+
+def decode_step(model: GptOss, tokens: jax.Array, positions: jax.Array, caches: list[LayerCache]
+                ) -> tuple[jax.Array, list[LayerCache]]:
+    """One new token per row: tokens/positions [B] -> logits [B, V]; the cache is donated and updated in place."""
+    graphdef, state = nnx.split(model)
+    return _decode(graphdef, state, tokens, positions, caches)
+
+
+# Pure jitted steps over (graphdef, state): they return only logits and caches. (An nnx.jit'ed method also hands
+# the module state back out, i.e. copies every parameter on each call.)
+@functools.partial(jax.jit, static_argnums=0)
+def _prefill(graphdef, state, tokens, positions, caches):
+    model = nnx.merge(graphdef, state)
     hidden, caches = model.hidden(tokens, positions, caches)
     last = jnp.argmax(positions, axis=1)
     return model.unembed_logits(hidden[jnp.arange(hidden.shape[0]), last]), caches
 
 
-@nnx.jit(donate_argnums=(3,))
-def decode_step(model: GptOss, tokens: jax.Array, positions: jax.Array, caches: list[LayerCache]
-                ) -> tuple[jax.Array, list[LayerCache]]:
-    """One new token per row: tokens/positions [B] -> logits [B, V]; the cache is donated and updated in place."""
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=4)
+def _decode(graphdef, state, tokens, positions, caches):
+    model = nnx.merge(graphdef, state)
     hidden, caches = model.hidden(tokens[:, None], positions[:, None], caches)
     return model.unembed_logits(hidden[:, 0]), caches
 

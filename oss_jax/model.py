@@ -11,6 +11,7 @@ Parameter tree (dotted names; shapes in the letters of `oss_jax.layers`):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import jax
@@ -91,9 +92,15 @@ def model_mesh(model: GptOss) -> jax.sharding.Mesh | None:
     return sharding.mesh if isinstance(sharding, jax.sharding.NamedSharding) else None
 
 
-@nnx.jit
+@functools.partial(jax.jit, static_argnums=0)
+def _forward_pure(graphdef, state, tokens: jax.Array) -> jax.Array:
+    return nnx.merge(graphdef, state)(tokens)
+
+
 def _forward(model: GptOss, tokens: jax.Array) -> jax.Array:
-    return model(tokens)
+    # a pure jit over (graphdef, state) returns only the logits; an nnx.jit would hand every parameter back out
+    graphdef, state = nnx.split(model)
+    return _forward_pure(graphdef, state, tokens)
 
 
 def forward(model: GptOss, tokens: jax.Array) -> jax.Array:
