@@ -1,33 +1,37 @@
 """Generation speed: prefill and decode tokens/s of oss-jax vs HF transformers (torch), same config, same weights.
 
-One run writes one random checkpoint (`convert.synthetic.make_checkpoint`, MXFP4 experts as published) and
-measures, each in its own subprocess so that only one model is in memory at a time (peak RSS of each printed):
-  bandwidth   streaming-read GB/s of this machine: a jitted JAX sum and a numpy sum over a 2 GiB float32 array
-              and a JAX GEMV [1, D] x [D, V]-shaped over ~2 GiB (the best of the three is the bound used below)
+One run writes one random checkpoint (`convert.synthetic.make_checkpoint`, MXFP4 experts as published; kept and
+reused with --workdir) and measures, each in its own subprocess so that only one model is in memory at a time
+(peak RSS of each printed):
+  bandwidth   streaming-read GB/s: a jitted JAX sum and a numpy sum over a 2 GiB float32 array, and a JAX GEMV
+              [1, D] x [V', D] over the same 2 GiB (the best of the three is the bound used below)
   ours fp32   `oss_jax.generate.prefill_step` (one chunk of --prefill tokens, batch 1, logits of the last position)
-              and `decode_step` (batch 1 and 8, one token per row after a --context-token prompt), plus XLA's
-              cost analysis of both compiled steps
-  HF fp32     transformers GptOssForCausalLM (eager attention, MXFP4 dequantized on load), torch threads = the
-  HF bf16     number of cores; prefill with logits_to_keep=1 (like ours), decode with the returned cache
-Then prints the ratios, decode batch 1 as a fraction of the memory-bandwidth bound, and FLOPs / bytes per token
-(XLA cost analysis) against the minimum for the active parameters. Not part of CI.
+              and `decode_step` (batch 1 and 8, one token per row after a --context-token prompt), plus XLA's cost
+              analysis of both steps compiled
+  HF fp32     transformers GptOssForCausalLM (eager attention, MXFP4 dequantized while loading, experts
+  HF bf16     implementation --hf-experts), torch threads = cores; prefill with logits_to_keep=1 (like ours), decode
+              with the returned cache. bf16 is skipped where torch has no fast bf16 GEMM (no avx512_bf16 / AMX)
+Times are the best of the timed repetitions (other processes share the machine; each row also prints the share of
+the cores the process got while timed). Then: ratios, decode batch 1 as a fraction of the memory-bandwidth bound,
+and FLOPs / bytes per token from XLA's cost analysis against the minimum for the active parameters. Not part of CI.
 
-    python benchmarks/generate.py            # 20b-shaped slice: full width, 2 layers, real vocab (~10 min, ~13 GB)
-    python benchmarks/generate.py --tiny     # the tiny preset, seconds
+    python benchmarks/generate.py            # 20b-shaped slice: full width, 2 layers, real vocab (~8 min, ~14 GB)
+    python benchmarks/generate.py --tiny     # the tiny preset (~1 min, mostly start-up and compiling)
     python benchmarks/generate.py --skip-hf  # this project only
 
 Bandwidth bound for decode at batch 1 (stored dtype s bytes; biases, sinks, norms float32):
   bytes/token = sum over layers [ attention kernels (D*N*H + 2*D*K*H + N*H*D)*s + their biases and sinks
                                   + router D*E*s + E*4 + k * (expert kernels (D*2F + F*D)*s + biases (2F + D)*4)
-                                  + two norms 2*D*4 + the KV cache read 2*keys*K*H*4 ]
+                                  + two norms 2*D*4 + the KV cache keys and values it attends to, 2*keys*K*H*4 ]
                 + unembedding V*D*s + one embedding row D*s + final norm D*4
   bound tok/s = best streaming bandwidth / bytes/token;   fraction = measured tok/s / bound.
 Minimum FLOPs per token: 2 * (active matmul parameters: attention kernels + router + k experts per layer, plus the
 unembedding for every token whose logits are computed: all of decode, 1/P of a prefill chunk) + the causal
-attention scores 4*N*H*visible keys per layer. XLA's HloCostAnalysis counts each while-loop body once, and the CPU
-grouped matmul (`oss_jax.moe._tiled_grouped_matmul`) loops over row tiles and, per tile, over an expert range:
-so the report also replays that loop on the actual routing of the benchmark's tokens (how many expert GEMMs it
-runs) and prints the cost analysis with the loop trip counts added ("CA + loops").
+attention scores 4*N*H*visible keys per layer. Minimum bytes per step: every shared weight once, the distinct routed
+experts once, the embedding rows and visible KV entries. XLA's HloCostAnalysis counts each while-loop body once, and
+the CPU grouped matmul (`oss_jax.moe._tiled_grouped_matmul`) loops over row tiles and, per tile, over a range of
+experts: so the report replays that loop on the actual routing of the benchmark's tokens (how many expert GEMMs it
+runs) and adds them to the cost analysis ("CA + loops").
 """
 
 from __future__ import annotations
