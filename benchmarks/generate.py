@@ -15,7 +15,7 @@ Times are the best of the timed repetitions (other processes share the machine; 
 the cores the process got while timed). Then: ratios, decode batch 1 as a fraction of the memory-bandwidth bound,
 and FLOPs / bytes per token from XLA's cost analysis against the minimum for the active parameters. Not part of CI.
 
-    python benchmarks/generate.py            # 20b-shaped slice: full width, 2 layers, real vocab (~8 min, ~14 GB)
+    python benchmarks/generate.py            # 20b-shaped slice: full width, 2 layers, real vocab (~5 min; RSS 14/18 GB)
     python benchmarks/generate.py --tiny     # the tiny preset (~1 min, mostly start-up and compiling)
     python benchmarks/generate.py --skip-hf  # this project only
 
