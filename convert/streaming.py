@@ -118,7 +118,8 @@ def _copy_tokenizer(src: Path, dst: Path) -> list[str]:
 
 def _output_bytes(reader: CheckpointReader, sizes: dict[str, int], experts: str, dtype: str | None) -> int:
     """Roughly what the Orbax checkpoint will take: MXFP4 widens ~4x to bf16, ~8x to fp32."""
-    packed_bytes = sum(n for name, n in sizes.items() if reader.expected()[name][0] == layouts.U8)
+    expected = reader.expected()  # built once: it lists every tensor of the config
+    packed_bytes = sum(n for name, n in sizes.items() if expected[name][0] == layouts.U8)
     other = sum(sizes.values()) - packed_bytes
     widen = {"packed": 1, "bf16": 4, "fp32": 8}[experts]
     return packed_bytes * widen + other * (2 if dtype == "fp32" else 1)
