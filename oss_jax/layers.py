@@ -77,12 +77,18 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 # ------------------------------------------------------------------ attention
 
 
-def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None) -> jax.Array:
-    """q_pos [B, T], k_pos [B, S] -> bool [B, T, S]: causal, within `window` keys (self included); k_pos -1 = empty."""
+def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None, segments: jax.Array | None = None
+                   ) -> jax.Array:
+    """q_pos [B, T], k_pos [B, S] -> bool [B, T, S]: causal, within `window` keys (self included); k_pos -1 = empty.
+
+    `segments` [B, T] (T == S, no cache): packed sequences attend only within their own segment.
+    """
     diff = q_pos[:, :, None] - k_pos[:, None, :]
     mask = (diff >= 0) & (k_pos[:, None, :] >= 0)
     if window is not None:
         mask &= diff < window
+    if segments is not None:
+        mask &= segments[:, :, None] == segments[:, None, :]
     return mask
 
 
@@ -115,11 +121,12 @@ class Attention(nnx.Module):
         self.o_bias = param(rngs, (d,), ("embed",), jnp.float32, init="zeros")
         self.sinks = param(rngs, (n,), ("q_heads",), jnp.float32, init="zeros")
 
-    def __call__(self, x: jax.Array, positions: jax.Array, cache: LayerCache | None = None
-                 ) -> tuple[jax.Array, LayerCache | None]:
+    def __call__(self, x: jax.Array, positions: jax.Array, cache: LayerCache | None = None,
+                 segments: jax.Array | None = None) -> tuple[jax.Array, LayerCache | None]:
         """x [B, T, D] (normed), positions [B, T] (-1 = padding) -> [B, T, D] float32 and the updated cache.
 
-        With a cache, the new tokens attend to what it holds plus themselves, then are written into it.
+        With a cache, the new tokens attend to what it holds plus themselves, then are written into it. `segments`
+        [B, T] (training on packed rows, no cache) keeps each packed sequence to itself.
         """
         cfg, dt = self.cfg, self.dtype
         x = x.astype(dt)
@@ -137,7 +144,7 @@ class Attention(nnx.Module):
             values = jnp.concatenate([cache.v.astype(v.dtype), v], axis=1)
             k_pos = jnp.concatenate([cache.pos, positions], axis=1)
             cache = cache.write(k, v, positions)
-        mask = attention_mask(positions, k_pos, self.window)
+        mask = attention_mask(positions, k_pos, self.window, segments)
         sinks = self.sinks[...].reshape(cfg.num_key_value_heads, cfg.q_per_kv)
         out = attend(q.astype(dt), keys.astype(dt), values.astype(dt), sinks, mask, 1.0 / math.sqrt(cfg.head_dim))
         out = out.reshape(b, t, cfg.num_attention_heads, cfg.head_dim).astype(dt)

@@ -26,6 +26,14 @@ from oss_jax.moe import MoE
 from oss_jax.params import assign_params, param
 
 
+# remat policy name -> what a block keeps for the backward pass (None: no remat, everything is kept)
+REMAT_POLICIES = {
+    "none": None,
+    "block": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
 class Block(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs, dtype: jnp.dtype):
         self.attn_norm = RMSNorm(cfg, rngs=rngs)
@@ -39,6 +47,13 @@ class Block(nnx.Module):
         h, cache = self.attn(self.attn_norm(x), positions, cache)
         x = x + h
         return x + self.moe(self.mlp_norm(x)), cache
+
+    def train(self, x: jax.Array, positions: jax.Array, segments: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Packed rows, no cache: x [B, T, D] -> same, and the router logits [B, T, E] (for the auxiliary loss)."""
+        h, _ = self.attn(self.attn_norm(x), positions, None, segments)
+        x = x + h
+        h = self.mlp_norm(x)
+        return x + self.moe(h), self.moe.router_logits(h)
 
 
 class GptOss(nnx.Module):
@@ -66,6 +81,22 @@ class GptOss(nnx.Module):
             x, cache = block(x, positions, None if caches is None else caches[i])
             new_caches.append(cache)
         return self.final_norm(x), (None if caches is None else new_caches)
+
+    def train_hidden(self, tokens: jax.Array, positions: jax.Array, segments: jax.Array, remat: str = "none"
+                     ) -> tuple[jax.Array, jax.Array]:
+        """Packed training rows [B, T] -> final-normed hidden [B, T, D] and router logits [L, B, T, E].
+
+        `remat` (see REMAT_POLICIES) recomputes each block in the backward pass instead of keeping its activations.
+        """
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(jnp.float32)
+        block_fn = Block.train
+        if REMAT_POLICIES[remat] is not None:
+            block_fn = nnx.remat(Block.train, policy=REMAT_POLICIES[remat])
+        router_logits = []
+        for block in self.layers:
+            x, logits = block_fn(block, x, positions, segments)
+            router_logits.append(logits)
+        return self.final_norm(x), jnp.stack(router_logits)
 
     def unembed_logits(self, x: jax.Array) -> jax.Array:
         """[..., D] -> [..., V] float32."""

@@ -120,6 +120,12 @@ class MoE(nnx.Module):
         self.mlp2_kernel = param(rngs, (e, f, d), ("expert", "mlp", "embed"), dtype)
         self.mlp2_bias = param(rngs, (e, d), ("expert", "embed"), jnp.float32, init="zeros")
 
+    def router_logits(self, x: jax.Array) -> jax.Array:
+        """x [B, T, D] (normed) -> router logits [B, T, E] float32 (bias included), as the router sees them."""
+        w = self.router_kernel[...].astype(self.dtype)
+        return jnp.einsum("BTD,DE->BTE", x.astype(self.dtype), w, preferred_element_type=jnp.float32) + \
+            self.router_bias[...]
+
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [B, T, D] (normed) -> [B, T, D] float32."""
         cfg, dt = self.cfg, self.dtype
