@@ -20,12 +20,11 @@ from tqdm import tqdm
 
 from convert import layouts
 from convert.reader import CheckpointReader
-from convert.writer import MAX_SHARD_BYTES, atomic_dir, write_shards
+from convert.writer import MAX_SHARD_BYTES, write_shards
 from oss_jax.checkpoint import PARAMS, nest, restore, stored_metadata
 from oss_jax.config import ModelConfig
+from oss_jax.files import atomic_dir, copy_tokenizer
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "generation_config.json")
 GROUP_BYTES = 256 << 20  # tensors handed to Orbax per partial save
 DTYPES = {"bf16": layouts.BF16, "fp32": np.dtype(np.float32)}
 EXPERT_FORMATS = ("packed", "bf16", "fp32")
@@ -105,17 +104,6 @@ class _GroupSaver:
             ocp.partial.finalize(self.path)
 
 
-def _copy_tokenizer(src: Path, dst: Path) -> list[str]:
-    """Copy the tokenizer/generation files of SRC (or of a Hub root above an original/ SRC)."""
-    copied = []
-    for folder in (src, src.parent) if src.name == "original" else (src,):
-        for name in TOKENIZER_FILES:
-            if (folder / name).is_file() and name not in copied:
-                shutil.copy2(folder / name, dst / name)
-                copied.append(name)
-    return copied
-
-
 def _output_bytes(reader: CheckpointReader, sizes: dict[str, int], experts: str, dtype: str | None) -> int:
     """Roughly what the Orbax checkpoint will take: MXFP4 widens ~4x to bf16, ~8x to fp32."""
     expected = reader.expected()  # built once: it lists every tensor of the config
@@ -161,7 +149,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, experts: str = "pack
         saver.close()
         (tmp / "config.json").write_text(json.dumps(reader.config.to_hf_config(mxfp4=experts == "packed"),
                                                     indent=2) + "\n")
-        copied = _copy_tokenizer(src, tmp)
+        copied = copy_tokenizer(src, tmp)
         summary = Summary(count, total, written, time.perf_counter() - t0, peak_rss())
         (tmp / "conversion.json").write_text(json.dumps({
             "source": str(src.resolve()), "source_layout": reader.layout, "experts": experts, "dtype": dtype,
@@ -189,7 +177,7 @@ def export_checkpoint(src: str | Path, dst: str | Path, *, max_shard_bytes: int 
         write_shards(tmp, entries, _exported_tensors(src, cfg, rules, packed), pattern="model-{:05d}-of-{:05d}"
                      ".safetensors", max_bytes=max_shard_bytes, progress=progress)
         (tmp / "config.json").write_text(json.dumps(cfg.to_hf_config(mxfp4=packed), indent=2) + "\n")
-        _copy_tokenizer(src, tmp)
+        copy_tokenizer(src, tmp)
     return Summary(len(entries), total, total, time.perf_counter() - t0, peak_rss())
 
 

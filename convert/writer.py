@@ -6,12 +6,9 @@ expected names, dtypes and shapes, so no shard is ever held in memory whole.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
 import struct
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -21,33 +18,13 @@ from convert import layouts
 from convert.layouts import HF, ORIGINAL
 from convert.reader import INDEX
 from oss_jax.config import ModelConfig
+from oss_jax.files import atomic_dir
 
 MAX_SHARD_BYTES = 4_800_000_000  # what the published HF conversion used
 ST_DTYPES = {np.dtype(np.uint8): "U8", layouts.BF16: "BF16", np.dtype(np.float32): "F32",
              np.dtype(np.float16): "F16"}
 
 Entry = tuple[str, np.dtype, tuple[int, ...]]
-
-
-@contextlib.contextmanager
-def atomic_dir(dst: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield `.DST.partial` beside `dst`; it becomes `dst` only if the block completes (a leftover is replaced)."""
-    dst = Path(dst)
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} already exists (pass --overwrite to replace it)")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.partial"
-    if tmp.exists():  # left by an interrupted run
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        yield tmp
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def plan_shards(entries: Iterable[Entry], max_bytes: int) -> list[list[Entry]]:
