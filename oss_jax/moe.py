@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -47,32 +48,159 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> ja
     """lhs [A, D] (rows grouped by expert, sizes [E]) x rhs [E, D, N] -> [A, N] float32; rows past the groups -> 0.
 
     `jax.lax.ragged_dot`, except on CPU, where XLA lowers it to a dense product against every expert (E times the
-    work and an [E, A, D] buffer): there, row tiles run through a scan that multiplies only the experts each tile
-    holds (at most tiles + E - 1 small GEMMs; decode reads just the routed experts' weights).
+    work and an [E, A, D] buffer): there, `tiled_grouped_matmul`, with a tiled VJP (gradients of lhs and rhs).
     """
     if jax.default_backend() != "cpu":
         return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=jnp.float32)
     return _tiled_grouped_matmul(lhs, rhs, group_sizes)
 
 
+TILE = 64  # rows of the largest tile: about where XLA:CPU's float32 GEMM stops gaining from more rows
+CHUNK_BYTES = 4 * 2**20  # weight rows multiplied per inner step: a slice that stays in cache
+UNROLL_ROWS = 64  # one-row tiles (decode) up to this many rows run unrolled, so XLA's cost analysis sees each
+
+
+def row_tile(a: int, num_experts: int) -> int:
+    """The largest tile for A rows over E experts: min(TILE, the next power of two >= A / E)."""
+    return min(TILE, 1 << (-(-a // num_experts) - 1).bit_length())
+
+
+def tiled_grouped_matmul(lhs: jax.Array, weight: Callable[[jax.Array], jax.Array], num_experts: int,
+                         group_sizes: jax.Array) -> jax.Array:
+    """lhs [A, D] (rows grouped by expert, sizes [E]) x expert j's weight(j) [D, N] -> [A, N] float32.
+
+    Every tile holds rows of one expert: each expert's rows are cut into full tiles of `row_tile` rows and one
+    remainder tile of the next power of two rows, so at most 2x a remainder is padding and no row meets a second
+    expert. `weight` is called (with a traced int32 j) only inside the tiles, so only for experts that have rows;
+    its rows are taken CHUNK_BYTES at a time. Rows past sum(group_sizes) -> 0.
+    """
+    a, d = lhs.shape
+    w = jax.eval_shape(weight, jax.ShapeDtypeStruct((), jnp.int32))
+    n, chunk = w.shape[1], _chunk_rows(d, w.shape[1], w.dtype.itemsize)
+    tile = row_tile(a, num_experts)
+    x = jnp.pad(lhs, ((0, tile), (0, 0)))
+
+    def tile_body(s: int):
+        def body(out, j, row0, valid):
+            y = _expert_dot(jax.lax.dynamic_slice_in_dim(x, row0, s), weight, j, chunk, n)
+            cur = jax.lax.dynamic_slice_in_dim(out, row0, s)
+            y = jnp.where((jnp.arange(s) < valid)[:, None], y, cur)
+            return jax.lax.dynamic_update_slice_in_dim(out, y, row0, 0)
+        return body
+
+    out = _zeros_varying_like((a + tile, n), lhs, group_sizes, w)
+    unroll = a if tile == 1 and a <= UNROLL_ROWS else None
+    for s, count, first, ends in _tile_plan(group_sizes, tile):
+        out = _for_tiles(s, count, first, ends, tile_body(s), out, unroll)
+    return out[:a]
+
+
+def _zeros_varying_like(shape: tuple[int, ...], *like) -> jax.Array:
+    """float32 zeros varying over the shard_map axes any of `like` (arrays or shapes) varies over: a loop carry must
+    keep its type (no-op outside shard_map or with check_vma=False)."""
+    types = [v.manual_axis_type if isinstance(v, jax.ShapeDtypeStruct) else jax.typeof(v).manual_axis_type
+             for v in like]
+    axes = set().union(*(t.varying for t in types if t is not None))
+    zeros = jnp.zeros(shape, jnp.float32)
+    return jax.lax.pcast(zeros, tuple(sorted(axes)), to="varying") if axes else zeros
+
+
+def _tile_plan(group_sizes: jax.Array, tile: int):
+    """For s = tile, tile/2, ..., 1: tiles of s rows per expert [E], the row where they start [E], group ends [E]."""
+    sizes = group_sizes.astype(jnp.int32)
+    ends = jnp.cumsum(sizes)
+    starts = ends - sizes
+    full, rem = sizes // tile, sizes % tile
+    bucket = jnp.where(rem > 0, jnp.left_shift(1, 32 - jax.lax.clz(jnp.maximum(rem - 1, 0))), 0)
+    s = tile
+    while s >= 1:
+        if s == tile:
+            yield s, full + (bucket == s), starts, ends
+        else:
+            yield s, (bucket == s).astype(jnp.int32), starts + full * tile, ends
+        s //= 2
+
+
+def _for_tiles(s: int, count: jax.Array, first: jax.Array, ends: jax.Array, body, carry, unroll: int | None = None):
+    """carry = body(carry, expert, first row, valid rows) over every tile of s rows (count [E] of them per expert).
+
+    A loop with a traced trip count; with `unroll`, that many conditional steps instead (a static upper bound)."""
+    tile_end = jnp.cumsum(count)
+
+    def step(t, carry):
+        j = jnp.searchsorted(tile_end, t, side="right").astype(jnp.int32)
+        row0 = first[j] + (t - tile_end[j] + count[j]) * s
+        return body(carry, j, row0, ends[j] - row0)
+
+    if unroll is None:
+        return jax.lax.fori_loop(0, tile_end[-1], step, carry)
+    for t in range(unroll):
+        carry = jax.lax.cond(t < tile_end[-1], step, lambda _, c: c, t, carry)
+    return carry
+
+
+def _chunk_rows(k: int, n: int, itemsize: int) -> int:
+    """Rows of a [K, N] weight taken per inner step: CHUNK_BYTES' worth, a multiple of 8, at most K."""
+    return min(k, max(8, CHUNK_BYTES // (n * itemsize) // 8 * 8))
+
+
+def _chunks(k: int, chunk: int, i: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Chunk i of K rows: its start (the last chunk ends at K, overlapping the one before) and which of its rows are
+    new [chunk] (the overlap is masked out)."""
+    start = jnp.minimum(i * chunk, k - chunk)
+    return start, start + jnp.arange(chunk) >= i * chunk
+
+
+def _expert_dot(x: jax.Array, weight, j: jax.Array, chunk: int, n: int) -> jax.Array:
+    """x [S, K] @ weight(j) [K, N] -> [S, N] float32, `chunk` weight rows at a time.
+
+    XLA:CPU copies a dynamically indexed weight before multiplying; a chunk at a time, that copy stays in cache
+    (the whole [2880, 5760] expert of gpt-oss at once: 4-10x slower than a separate array)."""
+    k = x.shape[1]
+    if chunk == k:
+        return jnp.dot(x, weight(j), preferred_element_type=jnp.float32)
+
+    def step(i, acc):
+        start, new = _chunks(k, chunk, i)
+        xc = jnp.where(new, jax.lax.dynamic_slice_in_dim(x, start, chunk, 1), 0)
+        wc = jax.lax.dynamic_slice_in_dim(weight(j), start, chunk, 0)
+        return acc + jnp.dot(xc, wc, preferred_element_type=jnp.float32)
+
+    return jax.lax.fori_loop(0, -(-k // chunk), step, jnp.zeros((x.shape[0], n), jnp.float32))
+
+
+def _tiled_weight_grad(lhs: jax.Array, g: jax.Array, num_experts: int, group_sizes: jax.Array) -> jax.Array:
+    """d rhs [E, D, N] float32 of the grouped matmul: for each expert j, the sum over its tiles of x^T g."""
+    a, d = lhs.shape
+    n = g.shape[1]
+    tile = row_tile(a, num_experts)
+    chunk = _chunk_rows(d, n, 4)
+    x, gp = (jnp.pad(v, ((0, tile), (0, 0))) for v in (lhs, g))
+
+    def tile_body(s: int):
+        def body(dw, j, row0, valid):
+            xt = jnp.where((jnp.arange(s) < valid)[:, None], jax.lax.dynamic_slice_in_dim(x, row0, s), 0)
+            gt = jax.lax.dynamic_slice_in_dim(gp, row0, s)
+
+            def step(i, dw):
+                start, new = _chunks(d, chunk, i)
+                xc = jnp.where(new, jax.lax.dynamic_slice_in_dim(xt, start, chunk, 1), 0)
+                upd = jnp.einsum("SC,SN->CN", xc, gt, preferred_element_type=jnp.float32)
+                cur = jax.lax.dynamic_slice(dw, (j, start, 0), (1, chunk, n))
+                return jax.lax.dynamic_update_slice(dw, cur + upd[None], (j, start, 0))
+
+            return jax.lax.fori_loop(0, -(-d // chunk), step, dw)
+        return body
+
+    dw = _zeros_varying_like((num_experts, d, n), lhs, g, group_sizes)
+    for s, count, first, ends in _tile_plan(group_sizes, tile):
+        dw = _for_tiles(s, count, first, ends, tile_body(s), dw)
+    return dw
+
+
 @jax.custom_vjp
 def _tiled_grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    a, d = lhs.shape
-    e, _, n = rhs.shape
-    tile = min(64, -(-a // 8) * 8)
-    tiles = -(-a // tile)
-    x = jnp.pad(lhs, ((0, tiles * tile - a), (0, 0))).reshape(tiles, tile, d)
-    group = jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(tiles * tile), side="right").reshape(tiles, tile)
-    first, last = group[:, 0], jnp.minimum(group[:, -1], e - 1)
-
-    def one_tile(_, i):
-        def one_expert(j, acc):
-            y = jnp.dot(x[i], rhs[j], preferred_element_type=jnp.float32)
-            return jnp.where((group[i] == j)[:, None], y, acc)
-        return None, jax.lax.fori_loop(first[i], last[i] + 1, one_expert, jnp.zeros((tile, n), jnp.float32))
-
-    _, out = jax.lax.scan(one_tile, None, jnp.arange(tiles))
-    return out.reshape(tiles * tile, n)[:a]
+    return tiled_grouped_matmul(lhs, lambda j: rhs[j], rhs.shape[0], group_sizes)
 
 
 def _tiled_fwd(lhs, rhs, group_sizes):
@@ -80,11 +208,12 @@ def _tiled_fwd(lhs, rhs, group_sizes):
 
 
 def _tiled_bwd(res, g):
-    lhs, rhs, group_sizes = res  # gradients through ragged_dot's own rules (dense on CPU, but exact)
-    _, vjp = jax.vjp(lambda a, b: jax.lax.ragged_dot(a, b, group_sizes, preferred_element_type=jnp.float32),
-                     lhs, rhs)
-    d_lhs, d_rhs = vjp(g)
-    return d_lhs, d_rhs, None
+    """d lhs: the same tiles against each weight transposed; d rhs: per expert, its tiles' x^T g."""
+    lhs, rhs, group_sizes = res
+    e = rhs.shape[0]
+    d_lhs = tiled_grouped_matmul(g, lambda j: rhs[j].T, e, group_sizes)
+    d_rhs = _tiled_weight_grad(lhs, g, e, group_sizes)
+    return d_lhs.astype(lhs.dtype), d_rhs.astype(rhs.dtype), None
 
 
 _tiled_grouped_matmul.defvjp(_tiled_fwd, _tiled_bwd)
