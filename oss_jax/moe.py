@@ -55,14 +55,13 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> ja
     return _tiled_grouped_matmul(lhs, rhs, group_sizes)
 
 
-TILE = 64  # rows of the largest tile: about where XLA:CPU's float32 GEMM stops gaining from more rows
+TILE = 64  # rows of a full tile: about where XLA:CPU's float32 GEMM stops gaining from more rows
 CHUNK_BYTES = 4 * 2**20  # weight rows multiplied per inner step: a slice that stays in cache
-UNROLL_ROWS = 64  # one-row tiles (decode) up to this many rows run unrolled, so XLA's cost analysis sees each
 
 
 def row_tile(a: int, num_experts: int) -> int:
-    """The largest tile for A rows over E experts: min(TILE, the next power of two >= A / E)."""
-    return min(TILE, 1 << (-(-a // num_experts) - 1).bit_length())
+    """Rows of a full tile for A rows over E experts: TILE, or 1 where A <= E/4 (decode: experts rarely repeat)."""
+    return 1 if 4 * a <= num_experts else TILE
 
 
 def tiled_grouped_matmul(lhs: jax.Array, weight: Callable[[jax.Array], jax.Array], num_experts: int,
@@ -72,7 +71,8 @@ def tiled_grouped_matmul(lhs: jax.Array, weight: Callable[[jax.Array], jax.Array
     Every tile holds rows of one expert: each expert's rows are cut into full tiles of `row_tile` rows and one
     remainder tile of the next power of two rows, so at most 2x a remainder is padding and no row meets a second
     expert. `weight` is called (with a traced int32 j) only inside the tiles, so only for experts that have rows;
-    its rows are taken CHUNK_BYTES at a time. Rows past sum(group_sizes) -> 0.
+    its rows are taken CHUNK_BYTES at a time. One-row tiles (decode) run unrolled, so that XLA's cost analysis
+    counts their work. Rows past sum(group_sizes) -> 0.
     """
     a, d = lhs.shape
     w = jax.eval_shape(weight, jax.ShapeDtypeStruct((), jnp.int32))
@@ -89,7 +89,7 @@ def tiled_grouped_matmul(lhs: jax.Array, weight: Callable[[jax.Array], jax.Array
         return body
 
     out = _zeros_varying_like((a + tile, n), lhs, group_sizes, w)
-    unroll = a if tile == 1 and a <= UNROLL_ROWS else None
+    unroll = a if tile == 1 else None
     for s, count, first, ends in _tile_plan(group_sizes, tile):
         out = _for_tiles(s, count, first, ends, tile_body(s), out, unroll)
     return out[:a]
@@ -128,7 +128,7 @@ def _for_tiles(s: int, count: jax.Array, first: jax.Array, ends: jax.Array, body
     tile_end = jnp.cumsum(count)
 
     def step(t, carry):
-        j = jnp.searchsorted(tile_end, t, side="right").astype(jnp.int32)
+        j = jnp.searchsorted(tile_end, t, side="right", method="compare_all").astype(jnp.int32)
         row0 = first[j] + (t - tile_end[j] + count[j]) * s
         return body(carry, j, row0, ends[j] - row0)
 

@@ -11,21 +11,24 @@ from oss_jax import moe
 
 D, N = 48, 40
 
-# group sizes [E] and rows A: empty experts, one expert takes all, rows past the groups, A = 1, A not a multiple of
-# any tile, full tiles plus remainders of every power of two
+# group sizes [E] and rows A (three shapes, so few compilations): empty experts, one expert takes all, rows past
+# the groups, A not a multiple of the tile, full tiles plus remainders of every power of two; one-row tiles where
+# A <= E/4 (decode, unrolled); A = 1
 CASES = {
-    "empty-experts": ([50, 0, 70, 0, 0, 30], 150),
-    "one-takes-all-last": ([0, 0, 0, 0, 0, 150], 150),
-    "one-takes-all-first": ([140, 0, 0, 0, 0, 0], 150),
-    "padding-rows": ([2, 3, 1, 0, 4, 0], 150),
-    "full-tiles": ([64, 64, 0, 12, 0, 0], 150),
-    "a1": ([0, 1, 0], 1),
-    "a1-padding": ([0, 0, 0], 1),
-    "decode-b1": ([1, 0, 0, 1, 0, 1, 0, 0, 1, 0, 0, 0], 4),
-    "decode-b2": ([2, 0, 0, 1, 0, 1, 0, 2, 1, 0, 0, 1], 8),
-    "a7": ([3, 0, 2, 2], 7),
-    "prefill": ([37, 1, 0, 64, 65, 3, 127, 2, 0, 31, 16, 9], 355),
+    "empty-experts": ([50, 0, 70, 0, 0, 30, 0, 0, 0, 0, 0, 0], 160),
+    "one-takes-all-last": ([0] * 11 + [160], 160),
+    "one-takes-all-first": ([150] + [0] * 11, 160),
+    "padding-rows": ([2, 3, 1, 0, 4, 0, 0, 0, 0, 0, 0, 0], 160),
+    "full-tiles": ([64, 64, 0, 12, 0, 0, 0, 0, 0, 0, 0, 0], 160),
+    "remainders": ([33, 1, 0, 2, 65, 3, 0, 31, 0, 16, 5, 4], 160),
+    "no-rows": ([0] * 12, 160),
+    "decode-b1": ([0, 1, 0, 0, 1, 0, 0, 0, 1, 0, 0, 1, 0, 0, 0, 0], 4),
+    "decode-repeats": ([0, 2, 0, 0, 0, 0, 0, 0, 1, 0, 0, 1, 0, 0, 0, 0], 4),
+    "decode-padding": ([0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0], 4),
+    "a1": ([0, 1, 0, 0], 1),
+    "a1-padding": ([0, 0, 0, 0], 1),
 }
+CHUNKED = ["remainders", "decode-b1"]  # also run with weights taken a few rows at a time
 
 
 def reference(lhs, rhs, sizes, g):
@@ -67,11 +70,12 @@ def ragged_dot(lhs, rhs, sizes):
     return jax.lax.ragged_dot(lhs, rhs, sizes, preferred_element_type=jnp.float32)
 
 
-@pytest.mark.parametrize("chunk_bytes", [moe.CHUNK_BYTES, 32 * N * 4], ids=["whole-weights", "weight-chunks"])
-@pytest.mark.parametrize("case", list(CASES))
-def test_forward_and_gradients_match_float64_and_ragged_dot(case, chunk_bytes, monkeypatch):
-    """Also with weights taken a few rows at a time (32 of D 48, 24 of N 40: the last chunk overlaps, masked)."""
-    monkeypatch.setattr(moe, "CHUNK_BYTES", chunk_bytes)
+@pytest.mark.parametrize("case, chunked", [(c, False) for c in CASES] + [(c, True) for c in CHUNKED],
+                         ids=[*CASES, *(f"{c}-weight-chunks" for c in CHUNKED)])
+def test_forward_and_gradients_match_float64_and_ragged_dot(case, chunked, monkeypatch):
+    """Chunked: 32 of D 48 and 24 of N 40 weight rows at a time (the last chunk overlaps the one before, masked)."""
+    if chunked:
+        monkeypatch.setattr(moe, "CHUNK_BYTES", 32 * N * 4)
     sizes, a = CASES[case]
     lhs, rhs, gs, g = inputs(sizes, a)
     got = value_and_grads(moe._tiled_grouped_matmul, lhs, rhs, gs, g)
@@ -103,13 +107,15 @@ def test_accessor_called_only_for_experts_with_rows():
     want, _, _ = reference(lhs, codes.astype(np.float64) / 8, sizes, np.zeros((a, N)))
     print(f"experts fetched {sorted(set(fetched))} ({len(fetched)} fetches); max |err| {np.abs(got - want).max():.1e}")
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
-    assert set(fetched) == {1, 4, 5}
+    assert sorted(fetched) == [1, 4, 5]  # once each: one tile per expert
 
 
-@pytest.mark.parametrize("a, experts", [(4, 32), (32, 32), (8, 12)])
+@pytest.mark.parametrize("a, experts", [(4, 32), (8, 32), (3, 12)])
 def test_decode_cost_analysis_near_minimum_flops(a, experts):
     """Decode-sized calls (one-row tiles, unrolled): XLA's cost analysis of the compiled forward counts at most
-    1.15x the 2*A*D*N FLOPs of the rows themselves (the former tiling multiplied ~29 of 32 experts per token)."""
+    1.15x the 2*A*D*N FLOPs of the rows themselves (the former tiling multiplied ~29 of 32 experts per token).
+    Larger calls loop over a traced number of tiles, which the cost analysis counts once: the generation benchmark
+    replays those on the actual routing."""
     d, n = 256, 384
     rng = np.random.default_rng(a)
     ids = np.sort(rng.integers(0, experts, a))
