@@ -253,7 +253,7 @@ def _train_step(graphdef, tx, tc: TrainConfig, state: TrainState, batch):
     grads, ce, aux, tokens_trained = _grads(graphdef, tc, state, batch)
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
-    metrics = {"loss": ce + tc.aux_loss_coef * aux, "ce": ce, "aux_loss": aux, "grad_norm": optax.global_norm(grads),
+    metrics = {"loss": ce + tc.aux_loss_coef * aux, "ce": ce, "aux_loss": aux, "grad_norm": optax.tree.norm(grads),
                "lr": schedule(tc)(state.step), "trained_tokens": tokens_trained}
     return TrainState(state.step + 1, trainable, state.frozen, opt_state), metrics
 
