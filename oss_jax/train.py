@@ -261,7 +261,10 @@ def _train_step(graphdef, tx, tc: TrainConfig, state: TrainState, batch):
 def loss_and_grads(model: GptOss, batch: Mapping[str, jax.Array], tc: TrainConfig
                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The loss a step would report and its gradient w.r.t. every parameter (by dotted name), without updating."""
-    trainer = Trainer(model, tc)
+    graphdef = nnx.graphdef(abstract_model(model.cfg, DTYPES[tc.compute_dtype]))
     state = TrainState(jnp.zeros((), jnp.int32), {n: v[...] for n, v in flat_params(model).items()}, {}, None)
-    grads, ce, aux, _ = jax.jit(functools.partial(_grads, trainer.graphdef, tc))(state, batch)
+    grads, ce, aux, _ = _grads_jit(graphdef, dataclasses.replace(tc, lora_rank=0), state, batch)
     return ce + tc.aux_loss_coef * aux, grads
+
+
+_grads_jit = jax.jit(_grads, static_argnums=(0, 1))
