@@ -64,15 +64,20 @@ def row_tile(a: int, num_experts: int) -> int:
     return 1 if 4 * a <= num_experts else TILE
 
 
+def tile_sizes(tile: int) -> tuple[int, ...]:
+    """Rows a tile may have: a full tile, or what a remainder rounds up to (powers of two, and 3/4 of a full tile)."""
+    return tuple(sorted({2**i for i in range(tile.bit_length()) if 2**i < tile} | {3 * tile // 4, tile} - {0}))
+
+
 def tiled_grouped_matmul(lhs: jax.Array, weight: Callable[[jax.Array], jax.Array], num_experts: int,
                          group_sizes: jax.Array) -> jax.Array:
     """lhs [A, D] (rows grouped by expert, sizes [E]) x expert j's weight(j) [D, N] -> [A, N] float32.
 
-    Every tile holds rows of one expert: each expert's rows are cut into full tiles of `row_tile` rows and one
-    remainder tile of the next power of two rows, so at most 2x a remainder is padding and no row meets a second
-    expert. `weight` is called (with a traced int32 j) only inside the tiles, so only for experts that have rows;
-    its rows are taken CHUNK_BYTES at a time. One-row tiles (decode) run unrolled, so that XLA's cost analysis
-    counts their work. Rows past sum(group_sizes) -> 0.
+    Every tile holds rows of one expert: each expert's rows make full tiles of `row_tile` rows and one tile of the
+    smallest of `tile_sizes` that holds the remainder (less padding than remainder), so no row meets a second
+    expert; one loop per tile size. `weight` is called (with a traced int32 j) only inside the tiles, so only for
+    experts that have rows; its rows are taken CHUNK_BYTES at a time. One-row tiles (decode) run unrolled, so that
+    XLA's cost analysis counts their work. Rows past sum(group_sizes) -> 0.
     """
     a, d = lhs.shape
     w = jax.eval_shape(weight, jax.ShapeDtypeStruct((), jnp.int32))
@@ -90,7 +95,7 @@ def tiled_grouped_matmul(lhs: jax.Array, weight: Callable[[jax.Array], jax.Array
 
     out = _zeros_varying_like((a + tile, n), lhs, group_sizes, w)
     unroll = a if tile == 1 else None
-    for s, count, first, ends in _tile_plan(group_sizes, tile):
+    for s, count, first, ends in _tile_plan(group_sizes, tile, tile_sizes(tile)):
         out = _for_tiles(s, count, first, ends, tile_body(s), out, unroll)
     return out[:a]
 
@@ -105,20 +110,20 @@ def _zeros_varying_like(shape: tuple[int, ...], *like) -> jax.Array:
     return jax.lax.pcast(zeros, tuple(sorted(axes)), to="varying") if axes else zeros
 
 
-def _tile_plan(group_sizes: jax.Array, tile: int):
-    """For s = tile, tile/2, ..., 1: tiles of s rows per expert [E], the row where they start [E], group ends [E]."""
-    sizes = group_sizes.astype(jnp.int32)
-    ends = jnp.cumsum(sizes)
-    starts = ends - sizes
-    full, rem = sizes // tile, sizes % tile
-    bucket = jnp.where(rem > 0, jnp.left_shift(1, 32 - jax.lax.clz(jnp.maximum(rem - 1, 0))), 0)
-    s = tile
-    while s >= 1:
+def _tile_plan(group_sizes: jax.Array, tile: int, sizes: tuple[int, ...]):
+    """For each s in `sizes`: tiles of s rows per expert [E], the row where they start [E], group ends [E]. Each
+    expert's rows: full tiles of `tile` rows, then one of the smallest size that holds the remainder."""
+    rows = group_sizes.astype(jnp.int32)
+    ends = jnp.cumsum(rows)
+    starts = ends - rows
+    full, rem = rows // tile, rows % tile
+    table = jnp.asarray(sizes, jnp.int32)
+    rounded = jnp.where(rem > 0, table[jnp.minimum(jnp.searchsorted(table, rem), len(sizes) - 1)], 0)
+    for s in sizes:
         if s == tile:
-            yield s, full + (bucket == s), starts, ends
+            yield s, full + (rounded == s), starts, ends
         else:
-            yield s, (bucket == s).astype(jnp.int32), starts + full * tile, ends
-        s //= 2
+            yield s, (rounded == s).astype(jnp.int32), starts + full * tile, ends
 
 
 def _for_tiles(s: int, count: jax.Array, first: jax.Array, ends: jax.Array, body, carry, unroll: int | None = None):
@@ -170,32 +175,30 @@ def _expert_dot(x: jax.Array, weight, j: jax.Array, chunk: int, n: int) -> jax.A
 
 
 def _tiled_weight_grad(lhs: jax.Array, g: jax.Array, num_experts: int, group_sizes: jax.Array) -> jax.Array:
-    """d rhs [E, D, N] float32 of the grouped matmul: for each expert j, the sum over its tiles of x^T g."""
+    """d rhs [E, D, N] float32 of the grouped matmul: for each expert j, the sum over its tiles of x^T g (one loop:
+    remainders in full tiles, zero rows past the group)."""
     a, d = lhs.shape
     n = g.shape[1]
     tile = row_tile(a, num_experts)
     chunk = _chunk_rows(d, n, 4)
     x, gp = (jnp.pad(v, ((0, tile), (0, 0))) for v in (lhs, g))
 
-    def tile_body(s: int):
-        def body(dw, j, row0, valid):
-            xt = jnp.where((jnp.arange(s) < valid)[:, None], jax.lax.dynamic_slice_in_dim(x, row0, s), 0)
-            gt = jax.lax.dynamic_slice_in_dim(gp, row0, s)
+    def body(dw, j, row0, valid):
+        xt = jnp.where((jnp.arange(tile) < valid)[:, None], jax.lax.dynamic_slice_in_dim(x, row0, tile), 0)
+        gt = jax.lax.dynamic_slice_in_dim(gp, row0, tile)
 
-            def step(i, dw):
-                start, new = _chunks(d, chunk, i)
-                xc = jnp.where(new, jax.lax.dynamic_slice_in_dim(xt, start, chunk, 1), 0)
-                upd = jnp.einsum("SC,SN->CN", xc, gt, preferred_element_type=jnp.float32)
-                cur = jax.lax.dynamic_slice(dw, (j, start, 0), (1, chunk, n))
-                return jax.lax.dynamic_update_slice(dw, cur + upd[None], (j, start, 0))
+        def step(i, dw):
+            start, new = _chunks(d, chunk, i)
+            xc = jnp.where(new, jax.lax.dynamic_slice_in_dim(xt, start, chunk, 1), 0)
+            upd = jnp.einsum("SC,SN->CN", xc, gt, preferred_element_type=jnp.float32)
+            cur = jax.lax.dynamic_slice(dw, (j, start, 0), (1, chunk, n))
+            return jax.lax.dynamic_update_slice(dw, cur + upd[None], (j, start, 0))
 
-            return jax.lax.fori_loop(0, -(-d // chunk), step, dw)
-        return body
+        return jax.lax.fori_loop(0, -(-d // chunk), step, dw)
 
     dw = _zeros_varying_like((num_experts, d, n), lhs, g, group_sizes)
-    for s, count, first, ends in _tile_plan(group_sizes, tile):
-        dw = _for_tiles(s, count, first, ends, tile_body(s), dw)
-    return dw
+    (_, count, first, ends), = _tile_plan(group_sizes, tile, (tile,))
+    return _for_tiles(tile, count, first, ends, body, dw)
 
 
 @jax.custom_vjp
