@@ -25,13 +25,11 @@ from jax.sharding import Mesh, Sharding, SingleDeviceSharding
 from oss_jax import mxfp4
 from oss_jax.config import ModelConfig
 from oss_jax.model import GptOss, abstract_model
+from oss_jax.packed import KERNELS, assign_packed, named_sharding, packed_leaves
 from oss_jax.params import assign_params, flat_params, logical_axes
-from oss_jax.sharding import named_sharding
 
 PARAMS = "params"
-PACKED = ("moe.mlp1_kernel", "moe.mlp2_kernel")
-# MXFP4 leaves keep the shipped [E, out, in/32, 16] order: out is 2F (mlp1) or D (mlp2); the group axes stay whole.
-PACKED_AXES = {"moe.mlp1_kernel": ("expert", "mlp"), "moe.mlp2_kernel": ("expert", "embed")}
+EXPERTS = ("packed", "bf16")  # how `load` gives MXFP4 experts to the model: as stored, or dequantized (dense)
 
 
 class CheckpointError(ValueError):
@@ -65,16 +63,16 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def packed_param(name: str) -> str | None:
     """'layers.3.moe.mlp1_kernel.blocks' -> 'layers.3.moe.mlp1_kernel' (None for other names)."""
     base, _, part = name.rpartition(".")
-    return base if part in ("blocks", "scales") and base.endswith(PACKED) else None
+    return base if part in ("blocks", "scales") and base.endswith(KERNELS) else None
 
 
 def stored_axes(name: str, model_axes: dict[str, tuple[str | None, ...]]) -> tuple[str | None, ...]:
-    """Logical axes of one stored leaf (a model parameter, or the blocks/scales of a packed one)."""
-    base = packed_param(name)
-    if base is None:
-        return model_axes[name]
-    lead = PACKED_AXES[base[base.index("moe."):]]
-    return lead + (None,) * (2 if name.endswith("blocks") else 1)
+    """Logical axes of one stored leaf (a model parameter, or the blocks/scales of a packed one).
+
+    MXFP4 leaves keep the shipped [E, out, in/32, 16] order, with the axes of the packed model's leaves: out is 2F
+    (`mlp`) for mlp1 and D (`embed`) for mlp2, whose F groups go on `tensor` where they divide.
+    """
+    return model_axes[name]
 
 
 def stored_metadata(path: str | Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -109,20 +107,38 @@ def restore(path: str | Path, mesh: Mesh | None = None, names: Iterable[str] | N
 
 @functools.lru_cache(maxsize=8)
 def _model_axes(cfg: ModelConfig) -> dict[str, tuple[str | None, ...]]:
-    return logical_axes(abstract_model(cfg))
+    leaves = packed_leaves(abstract_model(cfg, packed_experts=True))
+    return logical_axes(abstract_model(cfg)) | {name: v.get_metadata()["axes"] for name, v in leaves.items()}
 
 
 def _sharding(axes, shape, mesh: Mesh | None, name: str) -> Sharding:
     if mesh is None:
         return SingleDeviceSharding(jax.local_devices()[0])
-    return named_sharding(axes, shape, mesh, name)
+    return named_sharding(axes, shape, mesh, name)  # packed.named_sharding: the rules table, plus packed F groups
 
 
-def load(path: str | Path, mesh: Mesh | None = None, dtype: jnp.dtype = jnp.float32) -> GptOss:
-    """A converted checkpoint -> the model, parameters sharded on `mesh` (MXFP4 experts dequantized on device)."""
+def stores_packed(path: str | Path) -> bool:
+    """Whether a converted checkpoint holds its experts as MXFP4 blocks + scales (no array is read)."""
+    return any(packed_param(name) for name in stored_metadata(path))
+
+
+def load(path: str | Path, mesh: Mesh | None = None, dtype: jnp.dtype = jnp.float32, experts: str = "bf16"
+         ) -> GptOss:
+    """A converted checkpoint -> the model, every leaf read straight into its sharding on `mesh`.
+
+    MXFP4 experts: `experts="bf16"` dequantizes them on device into dense kernels in `dtype` (nnx.Params, trainable);
+    `"packed"` keeps them as stored (uint8, 4.25 bits/weight, decoded inside the step; inference only).
+    """
+    if experts not in EXPERTS:
+        raise CheckpointError(f"experts must be one of {EXPERTS}, got {experts!r}")
     cfg = ModelConfig.from_file(path)
     stored = restore(path, mesh)
-    model = abstract_model(cfg, dtype)
+    model = abstract_model(cfg, dtype, packed_experts=experts == "packed")
+    if experts == "packed":
+        if not any(packed_param(name) for name in stored):
+            raise CheckpointError(f"{path}: experts are stored dequantized; packed experts need a checkpoint "
+                                  f"converted with MXFP4 experts (`oss-jax convert`'s default), or use experts bf16")
+        stored = assign_packed(model, stored)
     params = flat_params(model)
     arrays = {}
     for name, var in params.items():

@@ -19,6 +19,9 @@ import numpy as np
 # Parity bounds of the Foundations issue (float32 vs each reference; bf16 KL vs the reference's own bf16 KL).
 MAX_ABS_BOUND = 1e-4
 KL_RATIO_BOUND = 1.5
+EXPERTS = ("packed", "bf16")  # --experts: MXFP4 kept packed on device, or dequantized to dense weights
+EXPERTS_HELP = ("packed: MXFP4 experts stay 4-bit on device, decoded inside the step; bf16: dequantized to dense "
+                "weights in --dtype (default: packed when the checkpoint stores MXFP4 experts)")
 
 
 def _config(name_or_path: str):
@@ -134,7 +137,8 @@ def parity_verdict(report: dict) -> list[str]:
 def _print_parity(report: dict) -> None:
     s = report["shape"]
     mesh = ", ".join(f"{k}={v}" for k, v in report.get("mesh", {}).items())
-    print(f"parity on batch {s['batch']} x {s['seq_len']} tokens, {s['layers']} layers, {s['experts']} experts, "
+    print(f"parity on batch {s['batch']} x {s['seq_len']} tokens, {s['layers']} layers, {s['experts']} experts "
+          f"({report.get('experts', 'bf16')}), "
           f"vocab {s['vocab']} (reference logit std {report['logit_std']:.2f}), float32"
           f"{f', ours sharded on mesh {mesh}' if mesh else ''}:")
     for key, label in (("vs_openai_ref", "ours vs OpenAI reference"), ("vs_hf", "ours vs HF transformers"),
@@ -151,6 +155,7 @@ def _parity_argv(args: argparse.Namespace) -> list[str]:
     argv = ["parity", "--ckpt", str(args.ckpt)] if args.ckpt else ["parity", "--config", args.config]
     argv += ["--seed", str(args.seed), "--batch", str(args.batch), "--mesh", args.mesh]
     argv += ["--seq-len", str(args.seq_len)] if args.seq_len else []
+    argv += ["--experts", args.experts] if args.experts else []
     return argv + ["--no-bf16"] * args.no_bf16 + ["--json"] * args.json
 
 
@@ -171,7 +176,7 @@ def cmd_parity(args: argparse.Namespace) -> int:
 
     config = None if args.ckpt else _config(args.config)
     report = run_parity(config=config, ckpt=args.ckpt, seed=args.seed, batch=args.batch, seq_len=args.seq_len,
-                        bf16=not args.no_bf16, mesh=mesh)
+                        bf16=not args.no_bf16, mesh=mesh, experts=args.experts)
     failures = parity_verdict(report)
     report["pass"] = not failures
     if args.json:
@@ -185,7 +190,8 @@ def cmd_parity(args: argparse.Namespace) -> int:
 def _plan_argv(args: argparse.Namespace) -> list[str]:
     """The command line of this plan (for a re-run with more host devices), asking for JSON."""
     argv = ["plan", "--model", args.model, "--mesh", args.mesh, "--seq-len", str(args.seq_len), "--dtype",
-            args.dtype, "--step", args.step, "--json"]
+            args.dtype, "--step", args.step, "--experts", args.experts, "--json"]
+    argv += ["--without-cpu-upcasts"] * args.without_cpu_upcasts
     return argv + (["--batch", str(args.batch)] if args.batch else [])
 
 
@@ -206,14 +212,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
         from oss_jax.sharding import make_mesh, parse_mesh
 
         mesh = make_mesh(parse_mesh(args.mesh), plan.mesh_devices(n))
-        result = plan.plan(cfg, mesh, step=step, batch=args.batch, seq_len=args.seq_len, dtype=args.dtype).as_dict()
+        result = plan.plan(cfg, mesh, step=step, batch=args.batch, seq_len=args.seq_len, dtype=args.dtype,
+                           experts=args.experts, without_cpu_upcasts=args.without_cpu_upcasts).as_dict()
     result = {"model": args.model, **result}
     print(json.dumps(result) if args.json else plan.format_plan(result, args.model))
     return 0
 
 
-def load_model(ckpt: Path, mesh_spec: str | None = None, dtype: str = "fp32"):
-    """A converted (Orbax) or safetensors checkpoint directory -> the model, sharded on the mesh when one is named."""
+def load_model(ckpt: Path, mesh_spec: str | None = None, dtype: str = "fp32", experts: str | None = None):
+    """A converted (Orbax) or safetensors checkpoint directory -> the model, sharded on the mesh when one is named.
+
+    `experts`: 'packed' (MXFP4 kept on device) or 'bf16' (dequantized, dense in `dtype`); default packed when the
+    checkpoint stores MXFP4 experts.
+    """
     import jax.numpy as jnp
 
     from oss_jax.sharding import make_mesh, parse_mesh
@@ -227,21 +238,37 @@ def load_model(ckpt: Path, mesh_spec: str | None = None, dtype: str = "fp32"):
     jdtype = jnp.bfloat16 if dtype == "bf16" else jnp.float32
     t0 = time.perf_counter()
     if (Path(ckpt) / "params").is_dir():
-        from oss_jax.checkpoint import load
+        from oss_jax.checkpoint import load, stores_packed
 
-        print(f"loading {ckpt} (Orbax){' onto mesh ' + mesh_spec if mesh_spec else ''} ...", file=sys.stderr)
-        model = load(ckpt, mesh=mesh, dtype=jdtype)
+        experts = experts or ("packed" if stores_packed(ckpt) else "bf16")
+        print(f"loading {ckpt} (Orbax, experts {experts}){' onto mesh ' + mesh_spec if mesh_spec else ''} ...",
+              file=sys.stderr)
+        model = load(ckpt, mesh=mesh, dtype=jdtype, experts=experts)
     else:
-        from convert.reader import load_params
-        from oss_jax.model import model_from_params
-        from oss_jax.sharding import shard_model
-
-        print(f"loading {ckpt} (safetensors){' onto mesh ' + mesh_spec if mesh_spec else ''} ...", file=sys.stderr)
-        cfg, params = load_params(ckpt)
-        model = model_from_params(cfg, params, dtype=jdtype)
-        if mesh is not None:
-            shard_model(model, mesh)
+        model = _load_safetensors(ckpt, mesh, jdtype, experts, mesh_spec)
     print(f"loaded in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    return model
+
+
+def _load_safetensors(ckpt: Path, mesh, dtype, experts: str | None, mesh_spec: str | None):
+    """A safetensors checkpoint -> the model (read on the host in float32, then placed; packed: MXFP4 re-packed)."""
+    from convert.reader import CheckpointReader, load_params
+    from oss_jax.model import model_from_params
+    from oss_jax.packed import pack_params, shard_packed
+    from oss_jax.sharding import shard_model
+
+    stored_packed = CheckpointReader(ckpt).packed
+    experts = experts or ("packed" if stored_packed else "bf16")
+    if experts == "packed" and not stored_packed:
+        raise ValueError(f"{ckpt}: experts are stored dequantized; --experts packed needs MXFP4 experts")
+    print(f"loading {ckpt} (safetensors, experts {experts}){' onto mesh ' + mesh_spec if mesh_spec else ''} ...",
+          file=sys.stderr)
+    cfg, params = load_params(ckpt)
+    packed = experts == "packed"
+    model = model_from_params(cfg, pack_params(params) if packed else params, dtype=dtype, packed_experts=packed)
+    if mesh is not None:
+        shard_model(model, mesh)
+        shard_packed(model, mesh)
     return model
 
 
@@ -295,7 +322,7 @@ def run_generate(model, ckpt: Path, prompts: list[str], *, raw: bool, reasoning:
 def cmd_generate(args: argparse.Namespace) -> int:
     from oss_jax.generate import Sampling
 
-    model = load_model(args.ckpt, args.mesh, args.dtype)
+    model = load_model(args.ckpt, args.mesh, args.dtype, args.experts)
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     results = run_generate(model, args.ckpt, args.prompt, raw=args.raw, reasoning=args.reasoning,
                            max_new_tokens=args.max_new_tokens, sampling=sampling, stream=not args.json,
@@ -341,7 +368,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from oss_jax import chat
     from oss_jax.generate import STOP_TOKENS, Sampling, generate
 
-    model = load_model(args.ckpt, args.mesh, args.dtype)
+    model = load_model(args.ckpt, args.mesh, args.dtype, args.experts)
     sampling = Sampling(temperature=args.temperature, seed=args.seed)
     messages: list[dict] = []
     print("chat with the model: an empty line does nothing, /exit (or Ctrl-D) leaves; tools are not executed")
@@ -382,8 +409,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"[2/4] converting it to an Orbax checkpoint: {out}/orbax")
     summary = convert_checkpoint(hf_dir, out / "orbax", overwrite=True, progress=False)
     print(f"      {summary}")
-    print("[3/4] restoring it sharded on 8 CPU devices (mesh data=2, expert=4)")
-    model = load_model(out / "orbax", "data=2,expert=4")
+    print(f"[3/4] restoring it sharded on 8 CPU devices (mesh data=2, expert=4), experts {args.experts or 'packed'}")
+    model = load_model(out / "orbax", "data=2,expert=4", experts=args.experts)
     prompt = "What is the capital of France?"
     print(f"[4/4] harmony chat, reasoning low, greedy, 24 new tokens, for: {prompt!r}")
     print("      (random weights, so the answer is gibberish; the pipeline is the real one)")
@@ -433,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--mesh", default=None,
                    help="run our model sharded on this mesh: a preset (ep8, ...) or data=2,expert=4 (fake CPU "
                         "devices are made as needed)")
+    q.add_argument("--experts", choices=EXPERTS, default=None, help=EXPERTS_HELP)
     q.set_defaults(func=cmd_parity)
 
     n = sub.add_parser("plan", help="per-device memory of the full-size model's step on a mesh, compiled ahead "
@@ -442,6 +470,12 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--batch", type=int, default=None, help="default: one sequence per data/fsdp shard")
     n.add_argument("--seq-len", type=int, default=4096)
     n.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="parameter and matmul dtype")
+    n.add_argument("--experts", choices=EXPERTS, default="bf16",
+                   help="bf16: dense expert kernels in --dtype (default); packed: MXFP4 blocks + scales, as the "
+                        "published checkpoints ship them")
+    n.add_argument("--without-cpu-upcasts", action="store_true",
+                   help="on CPU in bf16, also compile with float32 weights to report the temp bytes of XLA:CPU's "
+                        "float32 copies of bf16 weights (it has no bf16 GEMM; a GPU/TPU makes none)")
     n.add_argument("--step", choices=("prefill", "decode"), default="prefill",
                    help="prefill: forward over --seq-len tokens; decode: one token against a --seq-len KV cache")
     n.add_argument("--train", action="store_true", help="plan the train step (does not exist yet: an error)")
@@ -459,6 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--mesh", default=None, help="mesh preset or spec, e.g. expert=8")
     g.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    g.add_argument("--experts", choices=EXPERTS, default=None, help=EXPERTS_HELP)
     g.add_argument("--raw", action="store_true", help="feed the prompt as plain text, no chat format")
     g.add_argument("--json", action="store_true", help="print token ids and text per prompt as JSON")
     g.add_argument("--stop", action="append", default=None, help="stop a prompt's output at this text (repeatable)")
@@ -474,10 +509,12 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--seed", type=int, default=0)
     ch.add_argument("--mesh", default=None)
     ch.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    ch.add_argument("--experts", choices=EXPERTS, default=None, help=EXPERTS_HELP)
     ch.set_defaults(func=cmd_chat)
 
     d = sub.add_parser("demo", help="tiny checkpoint -> convert -> restore sharded on 8 devices -> generate")
     d.add_argument("--out-dir", default="oss-jax-demo")
+    d.add_argument("--experts", choices=EXPERTS, default=None, help=EXPERTS_HELP)
     d.set_defaults(func=cmd_demo)
     return p
 

@@ -7,6 +7,9 @@ Parameter tree (dotted names; shapes in the letters of `oss_jax.layers`):
                    o_kernel [N,H,D], o_bias [D], sinks [N]}
   layers.{i}.moe.{router_kernel [D,E], router_bias [E], mlp1_kernel [E,D,2F] (gate/linear interleaved),
                   mlp1_bias [E,2F], mlp2_kernel [E,F,D], mlp2_bias [E,D]}
+With packed experts (`packed_experts=True`, inference), each expert kernel is MXFP4 as shipped instead:
+  layers.{i}.moe.mlp1_kernel.{blocks [E,2F,D/32,16], scales [E,2F,D/32]} (uint8 `packed.Packed` variables)
+  layers.{i}.moe.mlp2_kernel.{blocks [E,D,F/32,16], scales [E,D,F/32]}
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ from oss_jax.cache import LayerCache
 from oss_jax.config import ModelConfig
 from oss_jax.layers import Attention, RMSNorm
 from oss_jax.moe import MoE
+from oss_jax.packed import assign_packed
 from oss_jax.params import assign_params, param
-
 
 # remat policy name -> what a block keeps for the backward pass (None: no remat, everything is kept)
 REMAT_POLICIES = {
@@ -35,11 +38,12 @@ REMAT_POLICIES = {
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs, dtype: jnp.dtype):
+    def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs, dtype: jnp.dtype,
+                 packed_experts: bool = False):
         self.attn_norm = RMSNorm(cfg, rngs=rngs)
         self.attn = Attention(cfg, layer, rngs=rngs, dtype=dtype)
         self.mlp_norm = RMSNorm(cfg, rngs=rngs)
-        self.moe = MoE(cfg, rngs=rngs, dtype=dtype)
+        self.moe = MoE(cfg, rngs=rngs, dtype=dtype, packed_experts=packed_experts)
 
     def __call__(self, x: jax.Array, positions: jax.Array, cache: LayerCache | None = None
                  ) -> tuple[jax.Array, LayerCache | None]:
@@ -57,12 +61,17 @@ class Block(nnx.Module):
 
 
 class GptOss(nnx.Module):
-    """gpt-oss with parameters in `dtype` (matmul inputs too); norms, softmax and the residual stay float32."""
+    """gpt-oss with parameters in `dtype` (matmul inputs too); norms, softmax and the residual stay float32.
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32):
+    `packed_experts`: expert kernels stay MXFP4 (4.25 bits/weight) and are decoded inside the step (inference).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32,
+                 packed_experts: bool = False):
         self.cfg, self.dtype = cfg, dtype
         self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype)
-        self.layers = nnx.List([Block(cfg, i, rngs=rngs, dtype=dtype) for i in range(cfg.num_hidden_layers)])
+        self.layers = nnx.List([Block(cfg, i, rngs=rngs, dtype=dtype, packed_experts=packed_experts)
+                                for i in range(cfg.num_hidden_layers)])
         self.final_norm = RMSNorm(cfg, rngs=rngs)
         self.unembed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype)
 
@@ -104,16 +113,17 @@ class GptOss(nnx.Module):
                           preferred_element_type=jnp.float32)
 
 
-def abstract_model(cfg: ModelConfig, dtype: jnp.dtype = jnp.float32) -> GptOss:
+def abstract_model(cfg: ModelConfig, dtype: jnp.dtype = jnp.float32, packed_experts: bool = False) -> GptOss:
     """The model with shape-only parameters (nothing allocated)."""
-    return nnx.eval_shape(lambda: GptOss(cfg, rngs=nnx.Rngs(0), dtype=dtype))
+    return nnx.eval_shape(lambda: GptOss(cfg, rngs=nnx.Rngs(0), dtype=dtype, packed_experts=packed_experts))
 
 
 def model_from_params(cfg: ModelConfig, arrays: Mapping[str, np.ndarray | jax.Array],
-                      dtype: jnp.dtype = jnp.float32) -> GptOss:
-    """A model holding exactly `arrays` (dotted names as in this module's docstring), cast to `dtype`."""
-    model = abstract_model(cfg, dtype)
-    assign_params(model, arrays)
+                      dtype: jnp.dtype = jnp.float32, packed_experts: bool = False) -> GptOss:
+    """A model holding exactly `arrays` (dotted names as in this module's docstring), cast to `dtype`; packed
+    experts take `NAME.blocks` / `NAME.scales` (see `packed.pack_params`)."""
+    model = abstract_model(cfg, dtype, packed_experts)
+    assign_params(model, assign_packed(model, arrays) if packed_experts else arrays)
     return model
 
 

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from oss_jax import packed
 from oss_jax.config import ModelConfig
 from oss_jax.params import param
 
@@ -227,29 +228,45 @@ def expert_mlp(rows: jax.Array, expert_ids: jax.Array, group_sizes: jax.Array, w
                ) -> jax.Array:
     """rows [A, D] grouped by expert (sizes [E]); w1 [E, D, 2F], b1 [E, 2F], w2 [E, F, D], b2 [E, D] -> [A, D].
 
-    The one place expert weights are multiplied: biases are per expert and added before routing weights. Rows
-    past sum(group_sizes) are padding and come out as b2 of their (clamped) id. With `tensor_axis`, F is split
-    over that mesh axis and the partial mlp2 products are summed across it.
+    The one place expert weights are multiplied (dense, or packed MXFP4 decoded on the fly): biases are per expert
+    and added before routing weights. Rows past sum(group_sizes) are padding and come out as b2 of their (clamped)
+    id. With `tensor_axis`, F is split over that mesh axis and the partial mlp2 products are summed across it.
     """
-    h = grouped_matmul(rows.astype(dtype), w1.astype(dtype), group_sizes)
+    h = _expert_matmul(rows, w1, group_sizes, dtype, tensor_axis)
     h = swiglu(h + b1[expert_ids], cfg.swiglu_limit, cfg.swiglu_alpha)
-    y = grouped_matmul(h.astype(dtype), w2.astype(dtype), group_sizes)
+    y = _expert_matmul(h, w2, group_sizes, dtype, tensor_axis)
     if tensor_axis is not None:
         y = jax.lax.psum(y, tensor_axis)
     return y + b2[expert_ids]
 
 
-class MoE(nnx.Module):
-    """Router with bias, top-k experts per token, clamped-SwiGLU expert MLPs with biases."""
+def _expert_matmul(x: jax.Array, w: jax.Array | packed.MXFP4, group_sizes: jax.Array, dtype: jnp.dtype,
+                   tensor_axis: str | None) -> jax.Array:
+    """x [A, in] (grouped by expert) x w [E, in, out], dense or packed MXFP4 -> [A, out] float32."""
+    if isinstance(w, packed.MXFP4):
+        return packed.grouped_matmul(x, w, group_sizes, dtype, tensor_axis)
+    return grouped_matmul(x.astype(dtype), w.astype(dtype), group_sizes)
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32):
+
+class MoE(nnx.Module):
+    """Router with bias, top-k experts per token, clamped-SwiGLU expert MLPs with biases.
+
+    With `packed_experts`, the expert kernels are MXFP4 blocks + scales (`packed.PackedKernel`, not nnx.Param),
+    decoded inside the expert matmul: inference only.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32,
+                 packed_experts: bool = False):
         d, e, f = cfg.hidden_size, cfg.num_experts, cfg.intermediate_size
         self.cfg, self.dtype = cfg, dtype
         self.router_kernel = param(rngs, (d, e), ("embed", "router"), dtype)
         self.router_bias = param(rngs, (e,), ("router",), jnp.float32, init="zeros")
-        self.mlp1_kernel = param(rngs, (e, d, 2 * f), ("expert", "embed", "mlp"), dtype)
+        if packed_experts:
+            self.mlp1_kernel, self.mlp2_kernel = packed.mlp_kernels(cfg, rngs)
+        else:
+            self.mlp1_kernel = param(rngs, (e, d, 2 * f), ("expert", "embed", "mlp"), dtype)
+            self.mlp2_kernel = param(rngs, (e, f, d), ("expert", "mlp", "embed"), dtype)
         self.mlp1_bias = param(rngs, (e, 2 * f), ("expert", "mlp"), jnp.float32, init="zeros")
-        self.mlp2_kernel = param(rngs, (e, f, d), ("expert", "mlp", "embed"), dtype)
         self.mlp2_bias = param(rngs, (e, d), ("expert", "embed"), jnp.float32, init="zeros")
 
     def router_logits(self, x: jax.Array) -> jax.Array:
@@ -346,10 +363,12 @@ def moe_expert_parallel(x: jax.Array, router_w: jax.Array, router_b: jax.Array, 
     expert = "expert" if mesh.shape.get("expert", 1) > 1 else None
     P = jax.sharding.PartitionSpec
     fn = functools.partial(_ep_shard if expert else _local_shard, cfg=cfg, dtype=dtype, tensor_axis=tensor)
+    w1_spec, w2_spec = P(expert, None, tensor), P(expert, tensor, None)
+    if isinstance(w1, packed.MXFP4):
+        w1_spec, w2_spec = (packed.shard_map_spec(w, expert, tensor, mesh, on) for w, on in ((w1, "out"), (w2, "in")))
     out = jax.shard_map(
         fn, mesh=mesh,
-        in_specs=(P(token_axes, None), P(), P(), P(expert, None, tensor), P(expert, tensor), P(expert, tensor, None),
-                  P(expert, None)),
+        in_specs=(P(token_axes, None), P(), P(), w1_spec, P(expert, tensor), w2_spec, P(expert, None)),
         out_specs=P(token_axes, None), check_vma=False,
     )(xp, router_w, router_b, w1, b1, w2, b2)
     return out[: x.shape[0]]

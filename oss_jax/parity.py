@@ -21,6 +21,7 @@ from convert.synthetic import make_checkpoint
 from convert.writer import write_checkpoint
 from oss_jax.config import ModelConfig
 from oss_jax.model import forward, model_from_params
+from oss_jax.packed import pack_params, shard_packed
 from oss_jax.plan import batch_sharding
 from oss_jax.sharding import shard_model
 
@@ -54,12 +55,17 @@ def hf_logits(hf_dir: str | Path, tokens: np.ndarray, *, bf16: bool = False) -> 
 
 
 def ours_logits(cfg: ModelConfig, params: dict[str, np.ndarray], tokens: np.ndarray, *, bf16: bool = False,
-                mesh: Mesh | None = None) -> np.ndarray:
-    """This model: tokens [B, T] -> logits [B, T, V] f32; on `mesh`, parameters sharded and batch split over data."""
-    model = model_from_params(cfg, params, dtype=jnp.bfloat16 if bf16 else jnp.float32)
+                mesh: Mesh | None = None, packed_experts: bool = False) -> np.ndarray:
+    """This model: tokens [B, T] -> logits [B, T, V] f32; on `mesh`, parameters sharded and batch split over data.
+
+    `packed_experts`: the (MXFP4-valued) expert kernels of `params` are packed again and decoded inside the step.
+    """
+    model = model_from_params(cfg, pack_params(params) if packed_experts else params,
+                              dtype=jnp.bfloat16 if bf16 else jnp.float32, packed_experts=packed_experts)
     if mesh is None:
         return np.asarray(forward(model, jnp.asarray(tokens, jnp.int32)))
     shard_model(model, mesh)  # forward() then runs on the parameters' mesh (expert-parallel MoE)
+    shard_packed(model, mesh)
     x = jax.device_put(jnp.asarray(tokens, jnp.int32), batch_sharding(mesh, tokens.shape))
     return np.asarray(forward(model, x))
 
@@ -102,14 +108,19 @@ def both_layouts(*, config: ModelConfig | None = None, ckpt: str | Path | None =
 
 
 def run_parity(*, config: ModelConfig | None = None, ckpt: str | Path | None = None, seed: int = 0,
-               batch: int = 2, seq_len: int | None = None, bf16: bool = True, mesh: Mesh | None = None
-               ) -> dict[str, Any]:
-    """Logits of this model (sharded on `mesh` if given) vs both references, float32 (and the bf16 KL check)."""
+               batch: int = 2, seq_len: int | None = None, bf16: bool = True, mesh: Mesh | None = None,
+               experts: str | None = None) -> dict[str, Any]:
+    """Logits of this model (sharded on `mesh` if given) vs both references, float32 (and the bf16 KL check).
+
+    `experts`: 'packed' or 'bf16' (dense); default packed when the checkpoint stores MXFP4 experts.
+    """
     with both_layouts(config=config, ckpt=ckpt, seed=seed) as (hf_dir, original_dir):
         cfg, params = load_params(hf_dir)
+        experts = experts or ("packed" if CheckpointReader(hf_dir).packed else "bf16")
+        packed = experts == "packed"
         seq_len = seq_len or cfg.sliding_window + 13  # longer than the window
         tokens = np.random.default_rng(seed).integers(0, cfg.vocab_size, size=(batch, seq_len))
-        ours = ours_logits(cfg, params, tokens, mesh=mesh)
+        ours = ours_logits(cfg, params, tokens, mesh=mesh, packed_experts=packed)
         ref = openai_logits(original_dir, tokens)
         hf = hf_logits(hf_dir, tokens)
         report: dict[str, Any] = {
@@ -117,13 +128,14 @@ def run_parity(*, config: ModelConfig | None = None, ckpt: str | Path | None = N
             "vs_hf": compare(hf, ours),
             "hf_vs_openai_ref": compare(ref, hf),
             "logit_std": float(ref.std()),
+            "experts": experts,
             "shape": {"batch": batch, "seq_len": seq_len, "layers": cfg.num_hidden_layers,
                       "experts": cfg.num_experts, "vocab": cfg.vocab_size},
         }
         if mesh is not None:
             report["mesh"] = dict(mesh.shape)
         if bf16:
-            ours16 = ours_logits(cfg, params, tokens, bf16=True, mesh=mesh)
+            ours16 = ours_logits(cfg, params, tokens, bf16=True, mesh=mesh, packed_experts=packed)
             ref16 = openai_logits(original_dir, tokens, bf16=True)
             report["bf16"] = {"kl_ours": kl(ref, ours16), "kl_ref": kl(ref, ref16),
                               "top1_ours": compare(ref, ours16)["top1"], "top1_ref": compare(ref, ref16)["top1"]}

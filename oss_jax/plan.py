@@ -10,6 +10,8 @@ for that mesh (fake CPU devices are enough) and its per-device bytes are read of
   total_bytes      params + optimizer + inputs + temp + output - aliased (donated) bytes
 Steps: `prefill` (the full-sequence forward, T = seq_len) and `decode` (one token per row against a KV cache of
 seq_len positions, donated); `train` is added to STEPS when it exists.
+Experts are dense kernels in the plan's dtype (`experts="bf16"`) or MXFP4 blocks + scales (`"packed"`, as the
+published checkpoints store them; decoded inside the step).
 """
 
 from __future__ import annotations
@@ -30,11 +32,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from oss_jax.cache import init_cache
 from oss_jax.config import ModelConfig
 from oss_jax.model import GptOss, abstract_model, forward
+from oss_jax.packed import named_sharding as packed_sharding
+from oss_jax.packed import packed_leaves
 from oss_jax.params import flat_params
 from oss_jax.sharding import MeshError, named_sharding
 
 BATCH_AXES = ("data", "fsdp")  # mesh axes the batch is split over
 DTYPES = {"bf16": jnp.bfloat16, "fp32": jnp.float32}
+EXPERTS = ("bf16", "packed")
 
 
 class PlanError(ValueError):
@@ -72,8 +77,10 @@ class MemoryPlan:
     batch: int
     seq_len: int
     dtype: str
+    experts: str
     lower_s: float
     compile_s: float
+    cpu_upcast_bytes: int = 0  # within temp: float32 copies of bf16 weights XLA:CPU makes (see `plan`); 0: not measured
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,12 +92,16 @@ def shardings(model: GptOss, mesh: Mesh) -> dict[str, NamedSharding]:
             for name, var in flat_params(model).items()}
 
 
-def abstract_sharded_model(cfg: ModelConfig, mesh: Mesh, dtype: jnp.dtype) -> GptOss:
+def abstract_sharded_model(cfg: ModelConfig, mesh: Mesh, dtype: jnp.dtype, packed_experts: bool = False
+                           ) -> GptOss:
     """The model with every parameter a ShapeDtypeStruct carrying its NamedSharding on `mesh` (nothing allocated)."""
-    model = abstract_model(cfg, dtype)
+    model = abstract_model(cfg, dtype, packed_experts)
     placed = shardings(model, mesh)
     for name, var in flat_params(model).items():
         var.set_value(jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=placed[name]))
+    for name, var in packed_leaves(model).items():
+        sharding = packed_sharding(var.get_metadata()["axes"], var.shape, mesh, name)
+        var.set_value(jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding))
     return model
 
 
@@ -177,45 +188,68 @@ def step_builder(step: str) -> Callable[[GptOss, Mesh, int, int], Step]:
 
 
 def plan(cfg: ModelConfig, mesh: Mesh, *, step: str = "prefill", batch: int | None = None, seq_len: int = 4096,
-         dtype: str = "bf16") -> MemoryPlan:
+         dtype: str = "bf16", experts: str = "bf16", without_cpu_upcasts: bool = False) -> MemoryPlan:
     """Lower and compile `step` of the model `cfg` on `mesh` from abstract inputs; per-device bytes and timings.
 
     `batch` defaults to one sequence per batch shard (the product of the data and fsdp axes).
+    XLA:CPU has no bf16 GEMM: it multiplies bf16 weights through float32 copies, which its `temp` counts and a GPU/TPU
+    compiler does not make. `without_cpu_upcasts` (bf16 on CPU) compiles the step a second time with float32 weights
+    (no copies; activations at float32 width, so that temp bounds a bf16 one from above) and reports the difference
+    as `cpu_upcast_bytes`.
     """
     build = step_builder(step)
     if dtype not in DTYPES:
         raise PlanError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
+    if experts not in EXPERTS:
+        raise PlanError(f"unknown experts {experts!r}; use one of {EXPERTS}")
     batch = batch or batch_parallel_size(mesh.shape)
-    model = abstract_sharded_model(cfg, mesh, DTYPES[dtype])  # MeshError here, before any compiling
+    model = abstract_sharded_model(cfg, mesh, DTYPES[dtype], experts == "packed")  # MeshError here, before compiling
     s = build(model, mesh, batch, seq_len)
-    with jax.set_mesh(mesh):
-        t0 = time.perf_counter()
-        lowered = jax.jit(s.fn, donate_argnums=s.donate).lower(*s.args)
-        t1 = time.perf_counter()
-        compiled = lowered.compile()
-        t2 = time.perf_counter()
+    compiled, lower_s, compile_s = _compile(s, mesh)
     mem = compiled.memory_analysis()
     params, optimizer, inputs = (per_device_bytes(x) for x in (s.params, s.optimizer, s.inputs))
     temp, output, alias = (int(mem.temp_size_in_bytes), int(mem.output_size_in_bytes),
                            int(mem.alias_size_in_bytes))
+    upcast = 0
+    if without_cpu_upcasts and dtype == "bf16" and mesh.devices.flat[0].platform == "cpu":
+        f32 = build(abstract_sharded_model(cfg, mesh, jnp.float32, experts == "packed"), mesh, batch, seq_len)
+        upcast = max(0, temp - int(_compile(f32, mesh)[0].memory_analysis().temp_size_in_bytes))
     return MemoryPlan(
         params_bytes=params, optimizer_bytes=optimizer, input_bytes=inputs, temp_bytes=temp,
         output_bytes=output, alias_bytes=alias, total_bytes=params + optimizer + inputs + temp + output - alias,
         argument_bytes=int(mem.argument_size_in_bytes), devices=mesh.size, mesh=dict(mesh.shape),
         platform=mesh.devices.flat[0].platform, step=step, batch=batch, seq_len=seq_len, dtype=dtype,
-        lower_s=round(t1 - t0, 2), compile_s=round(t2 - t1, 2))
+        experts=experts, lower_s=lower_s, compile_s=compile_s, cpu_upcast_bytes=upcast)
+
+
+def _compile(s: Step, mesh: Mesh) -> tuple[Any, float, float]:
+    """Lower and compile a step for the mesh: (the compiled step, seconds lowering, seconds compiling)."""
+    with jax.set_mesh(mesh):
+        t0 = time.perf_counter()
+        lowered = jax.jit(s.fn, donate_argnums=s.donate).lower(*s.args)
+        t1 = time.perf_counter()
+        compiled = lowered.compile()
+    return compiled, round(t1 - t0, 2), round(time.perf_counter() - t1, 2)
 
 
 def format_plan(p: Mapping[str, Any], model: str = "") -> str:
     """A human table of a plan's dict (as printed by `oss-jax plan`)."""
     mesh = ", ".join(f"{k}={v}" for k, v in p["mesh"].items())
     lines = [f"memory plan: {model} {p['step']}, batch {p['batch']} x {p['seq_len']} tokens, {p['dtype']}, "
+             f"experts {p.get('experts', 'bf16')}, "
              f"mesh {mesh} ({p['devices']} {p['platform']} devices); lowered in {p['lower_s']:.1f} s, "
              f"compiled in {p['compile_s']:.1f} s",
              f"{'per device':<12}{'bytes':>18}{'GiB':>10}"]
     for key in ("params", "optimizer", "input", "temp", "output", "total"):
         n = p[f"{key}_bytes"]
         lines.append(f"{key:<12}{n:>18,}{n / 2**30:>10.2f}")
+    upcast = p.get("cpu_upcast_bytes", 0)
+    if upcast:
+        n = p["total_bytes"] - upcast
+        lines.append(f"{'- upcasts':<12}{upcast:>18,}{upcast / 2**30:>10.2f}  float32 copies of bf16 weights in temp "
+                     f"(XLA:CPU has no bf16 GEMM)")
+        lines.append(f"{'= no upcast':<12}{n:>18,}{n / 2**30:>10.2f}  total without them (temp of the step compiled "
+                     f"with float32 weights)")
     expected = p["params_bytes"] + p["optimizer_bytes"] + p["input_bytes"]
     check = "matches" if p["argument_bytes"] == expected else "DOES NOT match"
     lines.append(f"the compiled executable's arguments: {p['argument_bytes']:,} bytes ({check} params + optimizer "

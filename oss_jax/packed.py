@@ -1,0 +1,229 @@
+"""MXFP4 expert weights kept packed on device, and the grouped matmul that decodes them expert by expert.
+
+An expert kernel stays as shipped: uint8 blocks [E, out, in/32, 16] + uint8 scales [E, out, in/32] (4.25 bits per
+weight; out is 2F for mlp1, D for mlp2). The expert matmul decodes, inside the jitted step, only the experts that
+rows were routed to, a slice of output rows at a time: no dequantized copy of a whole expert tensor exists.
+
+Decoding is plain XLA and exact: twice an fp4 value is an integer in {0, 1, 2, 3, 4, 6, 8, 12} (built straight
+from the code's bits as a float32), times 2^(scale - 128). Even and odd elements of each 32-group (low and high
+nibbles) are decoded apart and multiply the even and odd input columns: no interleaving copy is made.
+
+The packed leaves are `Packed` variables, not `nnx.Param`: an optimizer over nnx.Param never sees them
+(packed experts are an inference representation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from oss_jax import mxfp4
+from oss_jax.params import path_name
+from oss_jax.sharding import RULES, partition_spec
+
+GROUPS = "mlp_groups"  # the F/32 group axis of packed mlp2: split over `tensor` only where the groups divide
+KERNELS = ("moe.mlp1_kernel", "moe.mlp2_kernel")
+INIT_SCALE = 120  # random codes times 2^-7 have std ~0.023, like params.INIT_STD
+SLICE_ROWS = 512  # decode at most this many output rows of one expert at a time (a cache-sized slice)
+
+
+class PackedError(ValueError):
+    """Packed experts asked for where there are none (a dequantized checkpoint), or values that are not MXFP4."""
+
+
+class Packed(nnx.Variable):
+    """A uint8 leaf of an MXFP4 expert kernel (blocks or scales), with logical `axes` like nnx.Param."""
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class MXFP4:
+    """Packed expert weights as arrays: blocks [E, out, in/32, 16], scales [E, out, in/32] (uint8)."""
+
+    blocks: jax.Array
+    scales: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """The dense kernel's shape [E, in, out]."""
+        e, out, groups = self.scales.shape
+        return e, groups * mxfp4.GROUP, out
+
+
+class PackedKernel(nnx.Module):
+    """One MXFP4 expert kernel of dense shape [E, in, out], stored as blocks + scales (random codes at init)."""
+
+    def __init__(self, e: int, in_: int, out: int, axes: tuple[str | None, ...], *, rngs: nnx.Rngs):
+        if in_ % mxfp4.GROUP:
+            raise PackedError(f"packed experts need an input width that is a multiple of {mxfp4.GROUP}, got {in_}")
+        groups = in_ // mxfp4.GROUP
+        self.blocks = Packed(jax.random.bits(rngs.params(), (e, out, groups, mxfp4.BYTES_PER_GROUP), jnp.uint8),
+                             axes=axes + (None,))
+        self.scales = Packed(jnp.full((e, out, groups), INIT_SCALE, jnp.uint8), axes=axes)
+
+    def __getitem__(self, key) -> MXFP4:
+        """`kernel[...]`, as for a dense parameter: the packed arrays."""
+        return MXFP4(self.blocks[key], self.scales[key])
+
+
+def mlp_kernels(cfg, rngs: nnx.Rngs) -> tuple[PackedKernel, PackedKernel]:
+    """Packed mlp1 [E, D, 2F] (out 2F on `mlp`) and mlp2 [E, F, D] (F groups on GROUPS, out D on `embed`)."""
+    d, e, f = cfg.hidden_size, cfg.num_experts, cfg.intermediate_size
+    return (PackedKernel(e, d, 2 * f, ("expert", "mlp", None), rngs=rngs),
+            PackedKernel(e, f, d, ("expert", "embed", GROUPS), rngs=rngs))
+
+
+# ------------------------------------------------------------------ decoding and the grouped matmul
+
+
+def _twice_fp4(codes: jax.Array) -> jax.Array:
+    """fp4 codes (uint8, 0-15) -> 2 x value, exact, as float32: +-{0, 1, 2, 3, 4, 6, 8, 12}.
+
+    Float arithmetic on the exponent and mantissa bits (XLA:CPU vectorizes it; integer bit assembly ran ~4x slower).
+    """
+    e, m = (codes >> 1) & 3, (codes & 1).astype(jnp.float32)
+    magnitude = jnp.where(e == 0, m, (2.0 + m) * jnp.where(e == 3, 4.0, jnp.where(e == 2, 2.0, 1.0)))
+    return jnp.where(codes >= 8, -magnitude, magnitude)
+
+
+def decode_nibbles(blocks: jax.Array, scales: jax.Array, high: bool, dtype: jnp.dtype) -> jax.Array:
+    """blocks [N, G, 16] + scales [N, G] -> the even (low nibble) or odd (high) elements of each group, [N, G*16].
+
+    Exact for scale codes 2-254; codes 0 and 1 (|value| < 2^-125, subnormal, flushed on CPU) decode to 0.
+    """
+    half = jax.lax.bitcast_convert_type((jnp.maximum(scales.astype(jnp.uint32), 1) - 1) << 23, jnp.float32)
+    codes = blocks >> 4 if high else blocks & 15
+    return (_twice_fp4(codes) * half[..., None]).reshape(blocks.shape[0], -1).astype(dtype)
+
+
+def split_columns(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """[A, in] -> its even and odd columns within each 32-group, [A, in/2] each (decode_nibbles' order)."""
+    a, n = x.shape
+    pairs = x.reshape(a, n // 2, 2)
+    return pairs[..., 0], pairs[..., 1]
+
+
+def _slices(n: int) -> int:
+    """How many equal slices of `n` output rows to decode an expert in (each at most SLICE_ROWS where possible)."""
+    want = -(-n // SLICE_ROWS)
+    return next(c for c in range(want, n + 1) if n % c == 0)
+
+
+def row_tile(a: int, num_experts: int) -> int:
+    """Rows multiplied at a time: the next power of two >= A / E, at most 64."""
+    return min(64, 1 << (-(-a // num_experts) - 1).bit_length())
+
+
+def grouped_matmul(lhs: jax.Array, w: MXFP4, group_sizes: jax.Array, dtype: jnp.dtype,
+                   tensor_axis: str | None = None) -> jax.Array:
+    """lhs [A, in] (rows grouped by expert, sizes [E]) x packed w [E, in, out] -> [A, out] float32; rows past the
+    groups -> 0. Inference only (no gradient).
+
+    Loops over the experts that hold rows, over slices of their output rows (decoded once each, low and high
+    nibbles apart, into two [rows, in/2] matrices that stay in cache) and over row tiles of that expert (even input
+    columns times the low-nibble matrix plus odd columns times the high one). Inside shard_map with `tensor_axis`,
+    lhs may hold only this device's slice of `in` (mlp2 whose F groups are not split over the axis): it is placed
+    at its offset in zero rows of full width.
+    """
+    e, width, n = w.shape
+    x = lhs.astype(dtype)
+    if x.shape[1] != width:
+        offset = jax.lax.axis_index(tensor_axis) * x.shape[1]
+        x = jax.lax.dynamic_update_slice_in_dim(jnp.zeros((x.shape[0], width), dtype), x, offset, 1)
+    a, tile, rows = x.shape[0], row_tile(x.shape[0], e), n // _slices(n)
+    even, odd = (jnp.pad(h, ((0, tile), (0, 0))) for h in split_columns(x))
+    ends = jnp.cumsum(group_sizes)
+    starts = ends - group_sizes
+    (used,) = jnp.nonzero(group_sizes > 0, size=e, fill_value=0)
+
+    def one_expert(i, out):
+        j = used[i]
+
+        def one_slice(c, out):
+            blocks = jax.lax.dynamic_slice_in_dim(w.blocks[j], c * rows, rows)
+            scales = jax.lax.dynamic_slice_in_dim(w.scales[j], c * rows, rows)
+            lo, hi = (decode_nibbles(blocks, scales, high, dtype) for high in (False, True))  # [rows, in/2]
+
+            def one_tile(t, out):
+                r = starts[j] + t * tile
+                y = (jnp.dot(lo, jax.lax.dynamic_slice_in_dim(even, r, tile).T, preferred_element_type=jnp.float32)
+                     + jnp.dot(hi, jax.lax.dynamic_slice_in_dim(odd, r, tile).T, preferred_element_type=jnp.float32)
+                     ).T  # [tile, rows]: [rows, in/2] x [in/2, tile] is XLA:CPU's fast orientation
+                keep = (r + jnp.arange(tile) < ends[j])[:, None]
+                y = jnp.where(keep, y, jax.lax.dynamic_slice(out, (r, c * rows), (tile, rows)))
+                return jax.lax.dynamic_update_slice(out, y, (r, c * rows))
+            return jax.lax.fori_loop(0, -(-group_sizes[j] // tile), one_tile, out)
+        return jax.lax.fori_loop(0, n // rows, one_slice, out)
+
+    out = jax.lax.fori_loop(0, jnp.sum(group_sizes > 0), one_expert, jnp.zeros((a + tile, n), jnp.float32))
+    return out[:a]
+
+
+# ------------------------------------------------------------------ placement and parameters
+
+
+def named_sharding(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, name: str = "") -> NamedSharding:
+    """`sharding.named_sharding` for any parameter; the GROUPS axis goes on `tensor` only where it divides."""
+    rules = RULES
+    if GROUPS in axes and shape[list(axes).index(GROUPS)] % mesh.shape.get("tensor", 1) == 0:
+        rules = {**RULES, GROUPS: ("tensor",)}
+    return NamedSharding(mesh, partition_spec(axes, shape, mesh, name, rules))
+
+
+def shard_map_spec(w: MXFP4, expert: str | None, tensor: str | None, mesh: Mesh, tensor_on: str) -> MXFP4:
+    """PartitionSpecs of packed weights inside the MoE's shard_map: experts on `expert`; `tensor` (if any) on out
+    (`tensor_on="out"`, mlp1) or on the in groups where they divide (`"in"`, mlp2; else whole, see grouped_matmul).
+    """
+    if tensor_on == "out":
+        return MXFP4(PartitionSpec(expert, tensor, None, None), PartitionSpec(expert, tensor, None))
+    groups = w.scales.shape[-1]
+    split = tensor if tensor is not None and groups % mesh.shape[tensor] == 0 else None
+    return MXFP4(PartitionSpec(expert, None, split, None), PartitionSpec(expert, None, split))
+
+
+def packed_leaves(model: nnx.Module) -> dict[str, nnx.Variable]:
+    """Every Packed leaf of the model by dotted name ('layers.0.moe.mlp1_kernel.blocks', ...)."""
+    return {path_name(p): v for p, v in nnx.to_flat_state(nnx.state(model, Packed))}
+
+
+def assign_packed(model: nnx.Module, arrays: Mapping[str, np.ndarray | jax.Array]) -> dict[str, np.ndarray | jax.Array]:
+    """Set every Packed leaf from `arrays` (exact names, shapes, uint8); returns the other arrays."""
+    leaves = packed_leaves(model)
+    missing = sorted(set(leaves) - set(arrays))
+    if missing:
+        raise PackedError(f"packed expert weights missing: {missing[:4]}{'...' if len(missing) > 4 else ''} "
+                          f"(a checkpoint with dequantized experts cannot run packed; use experts 'bf16')")
+    for name, var in leaves.items():
+        value = arrays[name]
+        if tuple(value.shape) != tuple(var.shape) or np.dtype(value.dtype) != np.uint8:
+            raise PackedError(f"{name}: {np.dtype(value.dtype)} {tuple(value.shape)}, expected uint8 {var.shape}")
+        var.set_value(jnp.asarray(value))
+    return {k: v for k, v in arrays.items() if k not in leaves}
+
+
+def shard_packed(model: nnx.Module, mesh: Mesh) -> None:
+    """Place every Packed leaf on its NamedSharding over `mesh` (in place; nnx.Params: sharding.shard_model)."""
+    for name, var in packed_leaves(model).items():
+        axes = var.get_metadata()["axes"]
+        var.set_value(jax.device_put(var[...], named_sharding(axes, var.shape, mesh, name)))
+
+
+def pack_params(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Dense expert kernels [E, in, out] in `arrays` -> `NAME.blocks` / `NAME.scales`; refuses non-MXFP4 values."""
+    out = {}
+    for name, value in arrays.items():
+        if not name.endswith(KERNELS):
+            out[name] = value
+            continue
+        dense = np.ascontiguousarray(np.asarray(value, np.float32).transpose(0, 2, 1))  # [E, out, in]
+        blocks, scales = mxfp4.encode(dense)
+        if not np.array_equal(mxfp4.decode(blocks, scales), dense):
+            raise PackedError(f"{name}: values are not exactly MXFP4 (packing would round them)")
+        out[f"{name}.blocks"], out[f"{name}.scales"] = blocks, scales
+    return out

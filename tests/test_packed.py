@@ -1,0 +1,232 @@
+"""Packed MXFP4 experts: exact decoding, packed == dequantize-then-compute (layer, model, sharded), loading, CLI, plan.
+
+The dense path (`experts bf16`: MXFP4 dequantized once, then multiplied) is the reference for the packed one; both
+compute in float32 on the same weight values, so they differ only in summation order. Parity with both references
+runs packed too: `oss-jax parity` defaults to packed experts on MXFP4 checkpoints (test_parity's CLI runs unsharded,
+test_plan's `parity --mesh expert=4` sharded).
+"""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from convert import layouts
+from convert.streaming import convert_checkpoint
+from convert.synthetic import make_checkpoint, random_hf_tensors
+from oss_jax import checkpoint, cli, mxfp4, packed
+from oss_jax.model import forward, model_from_params
+from oss_jax.moe import grouped_matmul, moe_local
+from oss_jax.params import flat_params
+from oss_jax.sharding import make_mesh, shard_model
+
+
+def dense_params(cfg, seed):
+    """Model parameters of a random MXFP4 checkpoint, experts dequantized (float32)."""
+    hf = random_hf_tensors(cfg, seed=seed)
+    return {rule.param: rule.load(cfg, *[np.asarray(hf[s]) if hf[s].dtype == np.uint8 else
+                                         np.asarray(hf[s], np.float32) for s in rule.sources])
+            for rule in layouts.hf_rules(cfg)}
+
+
+@pytest.fixture(scope="module")
+def cfg(tiny_config):
+    # 24 experts: 8-, 4- and 2-way expert axes divide; F 160 = 5 groups of 32, which `tensor=2` cannot split
+    return dataclasses.replace(tiny_config, num_experts=24)
+
+
+@pytest.fixture(scope="module")
+def params(cfg):
+    return dense_params(cfg, seed=5)
+
+
+@pytest.fixture(scope="module")
+def tokens(cfg):
+    return np.random.default_rng(5).integers(0, cfg.vocab_size, size=(2, 19))
+
+
+@pytest.fixture(scope="module")
+def dense_logits(cfg, params, tokens):
+    return {dt: np.asarray(forward(model_from_params(cfg, params, dtype=dt), tokens))
+            for dt in (jnp.float32, jnp.bfloat16)}
+
+
+def test_decode_is_exact_for_every_byte_and_scale():
+    """Every byte (two fp4 codes) under every normal scale code decodes to numpy's reference decode, bit for bit."""
+    scales = np.arange(2, 255, dtype=np.uint8)  # 2..254; 0 and 1 give subnormals, 255 is NaN in E8M0
+    blocks = np.broadcast_to(np.arange(256, dtype=np.uint8).reshape(16, 16), (len(scales), 16, 16))
+    blocks = np.ascontiguousarray(blocks)  # [N, G, 16]: N scales, 16 groups of every byte
+    s = np.repeat(scales[:, None], 16, axis=1)
+    with np.errstate(over="ignore"):  # scale codes 253-254 overflow float32 for the largest codes: inf both ways
+        want = mxfp4.decode(blocks, s).reshape(len(scales), 16, 16, 2)  # [N, G, byte, nibble]
+    for high in (False, True):
+        got = np.asarray(jax.jit(packed.decode_nibbles, static_argnums=(2, 3))(blocks, s, high, jnp.float32))
+        np.testing.assert_array_equal(got.reshape(len(scales), 16, 16), want[..., int(high)])
+        got16 = jax.jit(packed.decode_nibbles, static_argnums=(2, 3))(blocks, s, high, jnp.bfloat16)
+        np.testing.assert_array_equal(np.asarray(got16, np.float32).reshape(len(scales), 16, 16), want[..., int(high)])
+    tiny = packed.decode_nibbles(jnp.full((1, 1, 16), 0x77, jnp.uint8), jnp.zeros((1, 1), jnp.uint8), False,
+                                 jnp.float32)
+    assert not np.any(np.asarray(tiny))  # scale code 0 (2^-127): subnormal, decodes to 0
+
+
+@pytest.mark.parametrize("rows, experts, din, dout", [(40, 12, 64, 320), (40, 12, 160, 64), (3, 12, 64, 1088)])
+def test_grouped_matmul_equals_dense(rows, experts, din, dout):
+    """Packed x [E, in, out] == the dense grouped matmul on the decoded weights: empty experts, padding rows past
+    the groups (-> 0), more output rows than one decoded slice (1088 = 4 slices of 272)."""
+    rng = np.random.default_rng(rows + din)
+    blocks = rng.integers(0, 256, (experts, dout, din // 32, 16), dtype=np.uint8)
+    scales = rng.integers(118, 126, (experts, dout, din // 32), dtype=np.uint8)
+    dense = np.ascontiguousarray(mxfp4.decode(blocks, scales).transpose(0, 2, 1))  # [E, in, out]
+    sizes = np.zeros(experts, np.int32)
+    sizes[[0, 3, 4, 11]] = np.array([rows // 2, 1, rows - rows // 2 - 2, 0])  # 2 rows past the groups
+    x = rng.standard_normal((rows, din)).astype(np.float32)
+    w = packed.MXFP4(jnp.asarray(blocks), jnp.asarray(scales))
+    for dt in (jnp.float32, jnp.bfloat16):
+        got = np.asarray(jax.jit(packed.grouped_matmul, static_argnums=3)(x, w, sizes, dt))
+        want = np.asarray(jax.jit(grouped_matmul)(x.astype(dt), jnp.asarray(dense, dt), sizes))
+        ids = np.repeat(np.arange(experts), sizes)
+        exact = np.einsum("AD,ADN->AN", x[: len(ids)].astype(dt).astype(np.float64), dense[ids].astype(np.float64))
+        err, ref_err = np.abs(got[: len(ids)] - exact).max(), np.abs(want[: len(ids)] - exact).max()
+        print(f"{dt.__name__}: packed vs float64 {err:.2e}, dense vs float64 {ref_err:.2e}, packed vs dense "
+              f"{np.abs(got - want).max():.2e}")
+        assert not np.any(got[len(ids):])  # rows past the groups
+        assert err <= 2 * ref_err + 1e-6  # as accurate as the dense path (float32 accumulation in both)
+
+
+def test_moe_layer_packed_equals_dense(cfg, params):
+    """One MoE layer in float32 (no depth to amplify rounding): packed == dequantized, to 1e-6 of the largest output."""
+    x = jax.random.normal(jax.random.key(0), (40, cfg.hidden_size), jnp.float32)
+    p = "layers.1.moe."
+    w = [jnp.asarray(params[p + n]) for n in ("router_kernel", "router_bias", "mlp1_kernel", "mlp1_bias",
+                                             "mlp2_kernel", "mlp2_bias")]
+    packs = packed.pack_params({p + n: params[p + n] for n in ("mlp1_kernel", "mlp2_kernel")})
+    wp = list(w)
+    wp[2], wp[4] = (packed.MXFP4(jnp.asarray(packs[p + n + ".blocks"]), jnp.asarray(packs[p + n + ".scales"]))
+                    for n in ("mlp1_kernel", "mlp2_kernel"))
+    layer = jax.jit(lambda x, *w: moe_local(x, *w, cfg=cfg, dtype=jnp.float32))
+    want, got = layer(x, *w), layer(x, *wp)
+    err, scale = float(jnp.abs(got - want).max()), float(jnp.abs(want).max())
+    print(f"MoE layer: packed vs dense max |Δ| {err:.2e}, max |y| {scale:.2f}")
+    assert err <= 1e-6 * max(scale, 10.0)
+
+
+MESHES = [{}, {"expert": 8}, {"data": 2, "expert": 2, "tensor": 2}]
+
+
+@pytest.mark.parametrize("shape", MESHES, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()) or "one device")
+def test_model_logits_packed_equal_dense(cfg, params, tokens, dense_logits, shape):
+    """Whole model, packed vs dequantize-then-compute, unsharded and sharded: float32 within 1e-5 of the largest
+    logit (same argmax); bf16 (on one device) within bf16 rounding of the dense bf16 logits."""
+    for dt, bound in ((jnp.float32, 1e-5), (jnp.bfloat16, 2.0 ** -8))[: 1 if shape else 2]:
+        model = model_from_params(cfg, packed.pack_params(params), dtype=dt, packed_experts=True)
+        if shape:
+            mesh = make_mesh(shape)
+            shard_model(model, mesh)
+            packed.shard_packed(model, mesh)
+        got, want = np.asarray(forward(model, tokens)), dense_logits[dt]
+        err, scale = float(np.abs(got - want).max()), float(np.abs(want).max())
+        print(f"{shape or 'one device'} {dt.__name__}: packed vs dense max |Δlogit| {err:.2e} (max |logit| "
+              f"{scale:.1f}, logit std {want.std():.2f})")
+        assert err <= bound * scale
+        if dt == jnp.float32:
+            assert np.array_equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_tensor_axis_splits_the_mlp2_groups_where_they_divide(tiny_config):
+    """F 192 = 6 groups: `tensor=2` splits them (3 per device); the result still equals the dense model. (F 160 = 5
+    groups stays whole on each tensor device: the `data=2, expert=2, tensor=2` case above.)"""
+    cfg = dataclasses.replace(tiny_config, num_experts=24, intermediate_size=192)
+    params = dense_params(cfg, seed=6)
+    tokens = np.random.default_rng(6).integers(0, cfg.vocab_size, size=(2, 11))
+    want = np.asarray(forward(model_from_params(cfg, params), tokens))
+    model = model_from_params(cfg, packed.pack_params(params), packed_experts=True)
+    mesh = make_mesh({"expert": 2, "tensor": 2, "fsdp": 2})
+    shard_model(model, mesh)
+    packed.shard_packed(model, mesh)
+    moe = model.layers[0].moe
+    assert {s.data.shape for s in moe.mlp2_kernel.blocks[...].addressable_shards} == {(12, 32, 3, 16)}  # D on fsdp
+    assert {s.data.shape for s in moe.mlp1_kernel.blocks[...].addressable_shards} == {(12, 192, 2, 16)}
+    got = np.asarray(forward(model, tokens))
+    err = float(np.abs(got - want).max())
+    print(f"expert=2, tensor=2, fsdp=2, F groups split: max |Δlogit| {err:.2e} of max |logit| {np.abs(want).max():.1f}")
+    assert err <= 1e-5 * np.abs(want).max()
+
+
+@pytest.fixture(scope="module")
+def converted(tiny_config, tmp_path_factory):
+    root = tmp_path_factory.mktemp("packed")
+    src = make_checkpoint(tiny_config, root / "hf", layout="hf", seed=9)
+    convert_checkpoint(src, root / "orbax", progress=False)
+    deq = make_checkpoint(tiny_config, root / "deq", layout="hf", seed=9, packed=False)
+    convert_checkpoint(deq, root / "orbax-deq", experts="bf16", progress=False)
+    return root
+
+
+def test_load_packed_keeps_the_stored_bytes(converted):
+    """experts='packed': the model's uint8 leaves are the stored bytes, 1/EP of the experts on each device, and no
+    nnx.Param; it computes what the dequantized load computes."""
+    model = checkpoint.load(converted / "orbax", mesh=make_mesh({"data": 2, "expert": 4}), experts="packed")
+    stored = checkpoint.restore(converted / "orbax")
+    leaves = packed.packed_leaves(model)
+    assert len(leaves) == 4 * model.cfg.num_hidden_layers
+    for name, var in leaves.items():
+        np.testing.assert_array_equal(np.asarray(var[...]), np.asarray(stored[name]), err_msg=name)
+    blocks = model.layers[0].moe.mlp1_kernel.blocks[...]
+    assert {s.data.shape[0] for s in blocks.addressable_shards} == {blocks.shape[0] // 4}
+    assert not any(name.endswith(packed.KERNELS) or ".blocks" in name for name in flat_params(model))
+    assert not any("kernel.blocks" in ".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    tokens = np.random.default_rng(2).integers(0, 201088, (2, 13))
+    want = np.asarray(forward(checkpoint.load(converted / "orbax"), tokens))
+    got = np.asarray(forward(model, tokens))
+    err = float(np.abs(got - want).max())
+    print(f"packed (data=2, expert=4) vs dequantized load (one device): max |Δlogit| {err:.2e}")
+    assert err <= 1e-5 * np.abs(want).max()
+    assert np.array_equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_packed_needs_mxfp4_experts(converted):
+    assert checkpoint.stores_packed(converted / "orbax") and not checkpoint.stores_packed(converted / "orbax-deq")
+    with pytest.raises(checkpoint.CheckpointError, match="experts are stored dequantized"):
+        checkpoint.load(converted / "orbax-deq", experts="packed")
+    with pytest.raises(checkpoint.CheckpointError, match="experts must be one of"):
+        checkpoint.load(converted / "orbax", experts="int4")
+    with pytest.raises(packed.PackedError, match="not exactly MXFP4"):
+        packed.pack_params({"layers.0.moe.mlp1_kernel": np.full((1, 32, 2), 0.1, np.float32)})
+
+
+def test_generate_defaults_to_packed_for_mxfp4_checkpoints(converted, capsys):
+    """The CLI's loader picks packed experts for an MXFP4 checkpoint (bf16 on request, or when stored dequantized),
+    and `oss-jax generate` runs with them."""
+    assert packed.packed_leaves(cli.load_model(converted / "orbax"))
+    assert not packed.packed_leaves(cli.load_model(converted / "orbax", experts="bf16"))
+    assert not packed.packed_leaves(cli.load_model(converted / "orbax-deq"))
+    capsys.readouterr()
+    assert cli.main(["generate", "--ckpt", str(converted / "orbax"), "--raw", "--prompt", "Hello there", "--json",
+                     "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr()
+    print(out.out)
+    assert "experts packed" in out.err and len(json.loads(out.out)[0]["tokens"]) == 4
+
+
+def test_plan_packed_params_are_the_shipped_bytes(tiny_config, capsys):
+    """`oss-jax plan --experts packed`: expert bytes are blocks + scales (17 bytes per 32 weights), by hand."""
+    from oss_jax.plan import abstract_sharded_model, per_device_bytes
+
+    mesh = make_mesh({"expert": 4})
+    d, e, f, layers = (tiny_config.hidden_size, tiny_config.num_experts, tiny_config.intermediate_size,
+                       tiny_config.num_hidden_layers)
+    size = {p: per_device_bytes(jax.tree.leaves(nnx.state(abstract_sharded_model(tiny_config, mesh, jnp.bfloat16, p))))
+            for p in (False, True)}
+    dense_experts = layers * e * 3 * d * f * 2 // 4  # bf16 kernels, 1/4 of the experts per device
+    packed_experts = layers * e * 3 * d * f * 17 // 32 // 4
+    assert size[False] - size[True] == dense_experts - packed_experts
+    assert cli.main(["plan", "--model", "tiny", "--mesh", "expert=4", "--seq-len", "8", "--step", "decode",
+                     "--experts", "packed", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    print(plan)
+    assert plan["experts"] == "packed" and plan["params_bytes"] == size[True]
+    assert plan["argument_bytes"] == plan["params_bytes"] + plan["input_bytes"]
