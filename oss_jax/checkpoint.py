@@ -12,6 +12,7 @@ Directory layout written by `oss-jax convert`:
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from jax.sharding import Mesh, Sharding, SingleDeviceSharding
 
 from oss_jax import mxfp4
 from oss_jax.config import ModelConfig
+from oss_jax.files import atomic_dir, copy_tokenizer
 from oss_jax.model import GptOss, abstract_model
 from oss_jax.packed import KERNELS, assign_packed, named_sharding, packed_leaves
 from oss_jax.params import assign_params, flat_params, logical_axes
@@ -160,3 +162,15 @@ def _decode_swapped(blocks: jax.Array, scales: jax.Array, dtype: jnp.dtype) -> j
 def _dequantize(blocks: jax.Array, scales: jax.Array, dtype: jnp.dtype, sharding: Sharding) -> jax.Array:
     """[E, out, in/32, 16] + [E, out, in/32] -> [E, in, out] in `dtype`, computed where the result lives."""
     return jax.jit(_decode_swapped, static_argnums=2, out_shardings=sharding)(blocks, scales, dtype)
+
+
+def save(dst: str | Path, cfg: ModelConfig, params: dict[str, jax.Array], *, tokenizer_from: str | Path | None = None,
+         overwrite: bool = False) -> Path:
+    """Write parameters (dotted names, dense) as a converted checkpoint that `load` and `oss-jax export` read."""
+    dst = Path(dst).absolute()
+    with atomic_dir(dst, overwrite=overwrite) as tmp:
+        ocp.save_pytree(tmp / PARAMS, nest(params))
+        (tmp / "config.json").write_text(json.dumps(cfg.to_hf_config(mxfp4=False), indent=2) + "\n")
+        if tokenizer_from is not None:
+            copy_tokenizer(Path(tokenizer_from), tmp)
+    return dst

@@ -219,6 +219,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cli_mesh(spec: str | None):
+    """The mesh a --mesh flag names (host devices made up as needed), or None without one."""
+    if not spec:
+        return None
+    from oss_jax.sharding import make_mesh, parse_mesh
+
+    n = _mesh_size(spec)
+    if not _provide_host_devices(n):
+        raise ValueError(f"mesh {spec!r} needs {n} devices; jax already started with fewer")
+    return make_mesh(parse_mesh(spec))
+
+
 def load_model(ckpt: Path, mesh_spec: str | None = None, dtype: str = "fp32", experts: str | None = None):
     """A converted (Orbax) or safetensors checkpoint directory -> the model, sharded on the mesh when one is named.
 
@@ -227,14 +239,7 @@ def load_model(ckpt: Path, mesh_spec: str | None = None, dtype: str = "fp32", ex
     """
     import jax.numpy as jnp
 
-    from oss_jax.sharding import make_mesh, parse_mesh
-
-    mesh = None
-    if mesh_spec:
-        n = _mesh_size(mesh_spec)
-        if not _provide_host_devices(n):
-            raise ValueError(f"mesh {mesh_spec!r} needs {n} devices; jax already started with fewer")
-        mesh = make_mesh(parse_mesh(mesh_spec))
+    mesh = cli_mesh(mesh_spec)
     jdtype = jnp.bfloat16 if dtype == "bf16" else jnp.float32
     t0 = time.perf_counter()
     if (Path(ckpt) / "params").is_dir():
@@ -395,6 +400,38 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from oss_jax import finetune
+    from oss_jax.train import TrainConfig
+
+    overrides = {"steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
+                 "learning_rate": args.lr, "lora_rank": args.lora_rank, "remat": args.remat,
+                 "compute_dtype": args.compute_dtype, "train_on": args.train_on, "seed": args.seed,
+                 "save_every": args.save_every}
+    if args.resume and args.config is None and (args.out / finetune.CONFIG).is_file():
+        stored = json.loads((args.out / finetune.CONFIG).read_text())["train"]
+        tc = TrainConfig.from_dict(stored | {k: v for k, v in overrides.items() if v is not None})
+    elif args.config is not None:
+        tc = TrainConfig.from_file(_train_config_path(args.config), **overrides)
+    else:
+        tc = TrainConfig.from_dict({k: v for k, v in overrides.items() if v is not None})
+    last = finetune.fit(args.ckpt, args.data, args.out, tc, mesh=cli_mesh(args.mesh), resume=args.resume,
+                        skip_bad=args.skip_bad)
+    print(json.dumps(last) if args.json else
+          f"step {last.get('step')}: loss {last.get('loss', float('nan')):.4f}; {last['examples']} examples, "
+          f"{last['skipped']} bad lines skipped; weights in {args.out / finetune.FINAL} "
+          f"(serve with `oss-jax generate --ckpt {args.out / finetune.FINAL}`, export with `oss-jax export`)")
+    return 0
+
+
+def _train_config_path(name_or_path: str) -> Path:
+    """configs/train/NAME.json for a preset name, else the path itself."""
+    from configs import preset_path
+
+    path = Path(name_or_path)
+    return path if path.suffix == ".json" or path.exists() else Path(preset_path(f"train/{name_or_path}"))
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from convert.streaming import convert_checkpoint
     from convert.synthetic import make_checkpoint
@@ -476,9 +513,11 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--without-cpu-upcasts", action="store_true",
                    help="on CPU in bf16, also compile with float32 weights to report the temp bytes of XLA:CPU's "
                         "float32 copies of bf16 weights (it has no bf16 GEMM; a GPU/TPU makes none)")
-    n.add_argument("--step", choices=("prefill", "decode"), default="prefill",
-                   help="prefill: forward over --seq-len tokens; decode: one token against a --seq-len KV cache")
-    n.add_argument("--train", action="store_true", help="plan the train step (does not exist yet: an error)")
+    n.add_argument("--step", choices=("prefill", "decode", "train", "train-lora"), default="prefill",
+                   help="prefill: forward over --seq-len tokens; decode: one token against a --seq-len KV cache; "
+                        "train: an AdamW step (master weights in --dtype, block remat, bf16 compute); train-lora: "
+                        "rank-16 LoRA on attention, base frozen")
+    n.add_argument("--train", action="store_true", help="same as --step train")
     n.add_argument("--json", action="store_true", help="print the plan as JSON")
     n.set_defaults(func=cmd_plan)
 
@@ -511,6 +550,27 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     ch.add_argument("--experts", choices=EXPERTS, default=None, help=EXPERTS_HELP)
     ch.set_defaults(func=cmd_chat)
+
+    t = sub.add_parser("train", help="fine-tune a converted checkpoint on JSONL conversations or text (optax)")
+    t.add_argument("--ckpt", type=Path, required=True, help="converted checkpoint directory (oss-jax convert)")
+    t.add_argument("--data", type=Path, required=True, help="JSONL ({'messages': [...]} or {'text': ...}) or .txt")
+    t.add_argument("--out", type=Path, required=True, help="run directory: checkpoints, metrics.jsonl, final/")
+    t.add_argument("--config", help="training preset name (configs/train/) or JSON file; flags below override it")
+    t.add_argument("--steps", type=int)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--seq-len", type=int)
+    t.add_argument("--lr", type=float, help="peak learning rate")
+    t.add_argument("--lora-rank", type=int, help="train LoRA adapters of this rank instead of every weight")
+    t.add_argument("--remat", choices=["none", "block", "dots"])
+    t.add_argument("--compute-dtype", choices=["float32", "bfloat16"])
+    t.add_argument("--train-on", choices=["assistant", "final", "all"])
+    t.add_argument("--seed", type=int)
+    t.add_argument("--save-every", type=int)
+    t.add_argument("--mesh", help="mesh preset or spec, e.g. fsdp8 or data=2,expert=4")
+    t.add_argument("--resume", action="store_true", help="continue RUN_DIR from its latest checkpoint")
+    t.add_argument("--skip-bad", action="store_true", help="skip (and count) bad data lines instead of stopping")
+    t.add_argument("--json", action="store_true", help="print the last step's metrics as JSON")
+    t.set_defaults(func=cmd_train)
 
     d = sub.add_parser("demo", help="tiny checkpoint -> convert -> restore sharded on 8 devices -> generate")
     d.add_argument("--out-dir", default="oss-jax-demo")

@@ -9,7 +9,8 @@ for that mesh (fake CPU devices are enough) and its per-device bytes are read of
   output_bytes     the step's outputs (logits), from `compiled.memory_analysis()`
   total_bytes      params + optimizer + inputs + temp + output - aliased (donated) bytes
 Steps: `prefill` (the full-sequence forward, T = seq_len) and `decode` (one token per row against a KV cache of
-seq_len positions, donated); `train` is added to STEPS when it exists.
+seq_len positions, donated), `train` (an AdamW step of `oss_jax.train`: block remat, bf16 compute, master weights
+in the plan's dtype, optimizer state like the weights) and `train-lora` (rank-16 adapters on attention, base frozen).
 Experts are dense kernels in the plan's dtype (`experts="bf16"`) or MXFP4 blocks + scales (`"packed"`, as the
 published checkpoints store them; decoded inside the step).
 """
@@ -168,17 +169,67 @@ def decode_step(model: GptOss, mesh: Mesh, batch: int, seq_len: int) -> Step:
                 inputs=[row, row, *jax.tree.leaves(caches)], optimizer=[], donate=(3,))
 
 
-STEPS: dict[str, Callable[[GptOss, Mesh, int, int], Step]] = {"prefill": prefill_step, "decode": decode_step}
-NOT_YET = {
-    "train": "training does not exist in oss-jax yet (a later issue), so the train step cannot be planned; "
-             "only the prefill forward and the decode step can",
-}
+def _train_builder(lora_rank: int) -> Callable[[GptOss, Mesh, int, int], Step]:
+    """The optimizer step of `oss_jax.train` (AdamW, block remat, bf16 compute; LoRA on attention when rank > 0)."""
+
+    def build(model: GptOss, mesh: Mesh, batch: int, seq_len: int) -> Step:
+        from oss_jax import train
+
+        tc = train.TrainConfig(batch_size=batch, seq_len=seq_len, remat="block", compute_dtype="bfloat16",
+                               lora_rank=lora_rank, lora_targets=("attn",))
+        params = {name: var.get_value() for name, var in flat_params(model).items()}
+        frozen: dict[str, jax.ShapeDtypeStruct] = {}
+        if tc.lora:
+            frozen, params = params, _abstract_adapters(model, params, mesh, lora_rank)
+        tx = train.optimizer(tc)
+        opt = _like_params(jax.eval_shape(tx.init, params), params, mesh)
+        replicated = NamedSharding(mesh, PartitionSpec())
+        state = train.TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), params, frozen, opt)
+        row = batch_sharding(mesh, (batch, seq_len))
+        lead = NamedSharding(mesh, PartitionSpec(None, *row.spec))
+        rows = {k: jax.ShapeDtypeStruct((1, batch, seq_len), jnp.float32 if k == "loss_mask" else jnp.int32,
+                                        sharding=lead) for k in train.BATCH_KEYS}
+        graphdef = nnx.graphdef(abstract_model(model.cfg, jnp.bfloat16))
+
+        def step(state, rows):
+            return train._train_step(graphdef, tx, tc, state, rows)
+        return Step(step, (state, rows), params=[*jax.tree.leaves(params), *jax.tree.leaves(frozen)],
+                    inputs=jax.tree.leaves(rows), optimizer=[state.step, *jax.tree.leaves(opt)], donate=(0,))
+    return build
+
+
+def _abstract_adapters(model: GptOss, params: Mapping[str, Any], mesh: Mesh, rank: int
+                       ) -> dict[str, jax.ShapeDtypeStruct]:
+    from oss_jax import lora
+
+    out = {}
+    axes = {n: v.get_metadata()["axes"] for n, v in flat_params(model).items()}
+    for name in lora.target_names(list(params), ("attn",)):
+        shapes = lora.adapter_shapes(name, params[name].shape, rank)
+        for part, shape, ax in zip(("lora_a", "lora_b"), shapes, lora.adapter_axes(name, axes[name]), strict=True):
+            out[f"{name}.{part}"] = jax.ShapeDtypeStruct(shape, jnp.float32,
+                                                         sharding=named_sharding(ax, shape, mesh, name))
+    return out
+
+
+def _like_params(opt: Any, params: Mapping[str, jax.ShapeDtypeStruct], mesh: Mesh) -> Any:
+    """Optimizer-state leaves sharded like the parameter they shadow (found by name in their path); the rest
+    (step counts) replicated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def place(path, leaf):
+        names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey) and k.key in params]
+        sharding = params[names[-1]].sharding if names else replicated
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+    return jax.tree_util.tree_map_with_path(place, opt)
+
+
+STEPS: dict[str, Callable[[GptOss, Mesh, int, int], Step]] = {
+    "prefill": prefill_step, "decode": decode_step, "train": _train_builder(0), "train-lora": _train_builder(16)}
 
 
 def step_builder(step: str) -> Callable[[GptOss, Mesh, int, int], Step]:
     """The builder of a named step; PlanError for one that does not exist (yet)."""
-    if step in NOT_YET:
-        raise PlanError(NOT_YET[step])
     if step not in STEPS:
         raise PlanError(f"unknown step {step!r}; plannable: {sorted(STEPS)}")
     return STEPS[step]
@@ -202,6 +253,8 @@ def plan(cfg: ModelConfig, mesh: Mesh, *, step: str = "prefill", batch: int | No
         raise PlanError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
     if experts not in EXPERTS:
         raise PlanError(f"unknown experts {experts!r}; use one of {EXPERTS}")
+    if step.startswith("train") and experts == "packed":
+        raise PlanError("training computes gradients of dense experts: plan it with experts bf16")
     batch = batch or batch_parallel_size(mesh.shape)
     model = abstract_sharded_model(cfg, mesh, DTYPES[dtype], experts == "packed")  # MeshError here, before compiling
     s = build(model, mesh, batch, seq_len)

@@ -72,7 +72,7 @@ def test_plan_on_more_devices_than_jax_started_with(tiny_config, capsys):
     (["--mesh", "expert=4,pipeline=2"], "unknown mesh axes ['pipeline']"),
     (["--mesh", "ep99"], "unknown mesh preset 'ep99'"),
     (["--mesh", "data=2,expert=2", "--batch", "3"], "batch 3 cannot be split 2 ways over mesh axes ('data',)"),
-    (["--mesh", "ep8", "--train"], "training does not exist in oss-jax yet (a later issue)"),
+    (["--mesh", "ep8", "--train", "--experts", "packed"], "training computes gradients of dense experts"),
 ])
 def test_clear_one_line_errors_before_compiling(capsys, argv, message):
     code, out, err = run_plan(capsys, *argv)
@@ -80,6 +80,20 @@ def test_clear_one_line_errors_before_compiling(capsys, argv, message):
     assert code == 2 and not out
     assert err.startswith("oss-jax plan: error: ") and err.count("\n") == 1
     assert message in err
+
+
+def test_train_step_plan_holds_adam_state_like_the_params(tiny_config, capsys):
+    """AdamW keeps two moments per parameter, sharded like it; the step's state is donated."""
+    code, out, err = run_plan(capsys, "--mesh", "fsdp8", "--step", "train", "--batch", "8", "--dtype", "fp32",
+                              "--json")
+    assert code == 0, err
+    p = json.loads(out)
+    print(p)
+    assert p["params_bytes"] == hand_param_bytes(tiny_config, 4, fsdp=8)
+    scalars = 3 * 4  # int32, replicated: the train step counter, Adam's count and the schedule's count
+    assert p["optimizer_bytes"] == 2 * p["params_bytes"] + scalars
+    assert p["argument_bytes"] == p["params_bytes"] + p["optimizer_bytes"] + p["input_bytes"]
+    assert p["alias_bytes"] >= p["params_bytes"] + p["optimizer_bytes"] - scalars  # donated, updated in place
 
 
 def test_device_count_flag_is_replaced():
