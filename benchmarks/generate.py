@@ -29,9 +29,11 @@ Minimum FLOPs per token: 2 * (active matmul parameters: attention kernels + rout
 unembedding for every token whose logits are computed: all of decode, 1/P of a prefill chunk) + the causal
 attention scores 4*N*H*visible keys per layer. Minimum bytes per step: every shared weight once, the distinct routed
 experts once, the embedding rows and visible KV entries. XLA's HloCostAnalysis counts each while-loop body once, and
-the CPU grouped matmul (`oss_jax.moe._tiled_grouped_matmul`) loops over row tiles and, per tile, over a range of
-experts: so the report replays that loop on the actual routing of the benchmark's tokens (how many expert GEMMs it
-runs) and adds them to the cost analysis ("CA + loops").
+the CPU grouped matmul (`oss_jax.moe.tiled_grouped_matmul`) loops over tiles of one expert each (full tiles plus a
+rounded-up remainder per expert) and, inside a tile, over weight chunks: so "CA + loops" takes out what the cost
+analysis counts for the grouped matmuls (each compiled alone at the same shapes) and adds the work of the tiles that
+the actual routing of the benchmark's tokens makes: per tile its rows x the weights, its weights read once, its rows
+read and written.
 """
 
 from __future__ import annotations
@@ -151,40 +153,48 @@ class LazyParams(Mapping):
     """Model parameters by name, each converted from the checkpoint when asked for (float32 numpy, then dropped).
 
     `convert.reader.load_params` holds every float32 parameter at once and `model_from_params` then copies them:
-    ~2x the model's 11 GB at the 20b-slice shape. Read one at a time, the peak stays near one copy.
+    ~2x the model's 11 GB at the 20b-slice shape. Read one at a time, the peak stays near one copy. `packed`: MXFP4
+    expert kernels as their stored blocks and scales (`NAME.blocks`, `NAME.scales`), for packed experts.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, packed: bool = False):
         from convert import layouts
         from convert.reader import CheckpointReader
 
         self.reader = CheckpointReader(path)
         self.reader.validate()
         self.rules = {r.param: r for r in layouts.hf_rules(self.reader.config, packed=self.reader.packed)}
+        self.raw = {f"{r.param}.{part}": source for r in self.rules.values() if packed and len(r.sources) == 2
+                    for part, source in zip(("blocks", "scales"), r.sources, strict=True)}
+        self.names = [n for n in self.rules if f"{n}.blocks" not in self.raw] + list(self.raw)
 
     def __iter__(self):
-        return iter(self.rules)
+        return iter(self.names)
 
     def __len__(self) -> int:
-        return len(self.rules)
+        return len(self.names)
 
     def __getitem__(self, name: str) -> np.ndarray:
+        if name in self.raw:
+            return np.asarray(self.reader.get_hf(self.raw[name]))
         rule = self.rules[name]
         sources = [np.asarray(self.reader.get_hf(s)) for s in rule.sources]
         sources = [s if s.dtype == np.uint8 else s.astype(np.float32) for s in sources]
         return rule.load(self.reader.config, *sources)
 
 
-def tile_gemms(ids: np.ndarray, num_experts: int) -> tuple[int, int, int]:
-    """Replays `oss_jax.moe._tiled_grouped_matmul` for expert ids [A] (one layer, one step): -> (tile rows, expert
-    GEMMs it runs, distinct experts routed). Each tile multiplies every expert from its first row's to its last's."""
-    a = ids.size
-    tile = min(64, -(-a // 8) * 8)
-    tiles = -(-a // tile)
+def expert_tiles(ids: np.ndarray, num_experts: int) -> tuple[int, int, int]:
+    """The tiles `oss_jax.moe.tiled_grouped_matmul` runs for expert ids [A] (one layer, one step): -> (rows multiplied,
+    padding included; tiles, i.e. expert weight reads; distinct experts routed). Each expert's rows make full tiles
+    of `row_tile` rows and one tile of the smallest of `tile_sizes` that holds the remainder."""
+    from oss_jax.moe import row_tile, tile_sizes
+
+    tile = row_tile(ids.size, num_experts)
     sizes = np.bincount(ids.reshape(-1), minlength=num_experts)
-    group = np.searchsorted(np.cumsum(sizes), np.arange(tiles * tile), side="right").reshape(tiles, tile)
-    first, last = group[:, 0], np.minimum(group[:, -1], num_experts - 1)
-    return tile, int(np.sum(last - first + 1)), int(np.count_nonzero(sizes))
+    full, rem = sizes // tile, sizes % tile
+    rounded = np.asarray(tile_sizes(tile))[np.searchsorted(tile_sizes(tile), rem)]
+    rows = full * tile + np.where(rem > 0, rounded, 0)
+    return int(rows.sum()), int(np.sum(full + (rem > 0))), int(np.count_nonzero(sizes))
 
 
 def worker_ours(args) -> dict:
@@ -192,7 +202,7 @@ def worker_ours(args) -> dict:
     import jax.numpy as jnp
     from flax import nnx
 
-    from oss_jax import generate
+    from oss_jax import generate, moe
     from oss_jax.cache import init_cache
     from oss_jax.model import model_from_params
     from oss_jax.moe import route
@@ -200,18 +210,30 @@ def worker_ours(args) -> dict:
     cfg = bench_config(args.tiny)
     work = {k: np.asarray(v) for k, v in np.load(args.tokens).items()}
     t0 = time.perf_counter()
-    model = model_from_params(cfg, LazyParams(args.ckpt), dtype=jnp.float32)
+    packed = args.worker_experts == "packed"
+    model = model_from_params(cfg, LazyParams(args.ckpt, packed), dtype=jnp.float32, packed_experts=packed)
     res: dict = {"load_s": time.perf_counter() - t0, "rss_after_load": peak_rss()}
     res["param_bytes"] = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
     prefill, decode = generate.prefill_step, generate.decode_step
     graphdef, state = nnx.split(model)
 
-    def cost(step, *inputs) -> dict:
-        """XLA's cost analysis of `step(model, *inputs)` compiled (one jit around the package's own, public API)."""
-        compiled = jax.jit(lambda st, *a: step(nnx.merge(graphdef, st), *a)).lower(state, *inputs).compile()
+    def cost_of(compiled) -> dict:
         ca = compiled.cost_analysis()
         ca = ca[0] if isinstance(ca, list) else ca
         return {"flops": float(ca.get("flops", 0.0)), "bytes": float(ca.get("bytes accessed", 0.0))}
+
+    def cost(step, *inputs) -> dict:
+        """XLA's cost analysis of `step(model, *inputs)` compiled (one jit around the package's own, public API)."""
+        return cost_of(jax.jit(lambda st, *a: step(nnx.merge(graphdef, st), *a)).lower(state, *inputs).compile())
+
+    def grouped_matmul_cost(rows: int) -> dict:
+        """XLA's cost analysis of one layer's two expert grouped matmuls, compiled alone for `rows` assignments: what
+        it counts for them inside a step (each loop body once)."""
+        d, f, e = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts
+        both = [cost_of(jax.jit(moe.grouped_matmul).lower(
+            jax.ShapeDtypeStruct((rows, k), jnp.float32), jax.ShapeDtypeStruct((e, k, n), jnp.float32),
+            jax.ShapeDtypeStruct((e,), jnp.int32)).compile()) for k, n in [(d, 2 * f), (f, d)]]
+        return {key: both[0][key] + both[1][key] for key in both[0]}
 
     @nnx.jit(graph_updates=False)  # (the default would return, so copy, every parameter)
     def routing(model, tokens, positions):
@@ -246,6 +268,7 @@ def worker_ours(args) -> dict:
     res["prefill"] = timer.summary()
     res["prefill_tok_s"] = p / res["prefill"]["best_s"]
     res["prefill_cost"] = cost(prefill, tokens, positions, empty)
+    res["prefill_gmm_cost"] = grouped_matmul_cost(p * cfg.experts_per_token)
     res["prefill_routing"] = np.asarray(routing(model, tokens, positions)).tolist()
     res["prefill_cache_slots"] = [int(c.pos.shape[1]) for c in empty]
     empty = None
@@ -269,6 +292,7 @@ def worker_ours(args) -> dict:
         ids = np.asarray(routing(model, full, jnp.broadcast_to(jnp.arange(full.shape[1], dtype=jnp.int32),
                                                                full.shape)))[:, :, c + args.warmup:]
         res[f"decode{b}"] = {**timer.summary(), "tok_s": b / timer.summary()["best_s"], "cost": cost_d,
+                             "gmm_cost": grouped_matmul_cost(b * cfg.experts_per_token),
                              "routing": ids.tolist(), "cache_slots": slots, "context": c}
         caches = None
     res["peak_rss"] = peak_rss()
@@ -361,20 +385,21 @@ def min_bytes(cfg: ModelConfig, itemsize: int, distinct: list[int], rows: int, p
     return layers + s["vocab"] * itemsize + rows * d * itemsize + d * 4 + kv
 
 
-def loop_flops_bytes(cfg: ModelConfig, routing: np.ndarray) -> tuple[float, float, list[int], list[int]]:
-    """The expert GEMMs the tiled grouped matmul runs for routing [L, B, T, k] (one step = the B*T tokens):
-    FLOPs and weight bytes of all of them beyond the one per call that XLA's cost analysis counts; GEMMs per layer;
-    distinct experts per layer."""
+def loop_flops_bytes(cfg: ModelConfig, routing: np.ndarray, counted: dict
+                     ) -> tuple[float, float, list[int], list[int]]:
+    """For routing [L, B, T, k] (one step = the B*T tokens): FLOPs and bytes of the expert tiles the grouped matmuls
+    run, less what XLA's cost analysis counts for one layer's two grouped matmuls (`counted`), summed over layers;
+    tiles per layer; distinct experts per layer."""
     d, f, e = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts
     extra_flops = extra_bytes = 0.0
-    gemms, distinct = [], []
+    tiles, distinct = [], []
     for ids in routing:
-        tile, g, n = tile_gemms(np.asarray(ids).reshape(-1), e)
-        gemms.append(g)
+        rows, t, n = expert_tiles(np.asarray(ids).reshape(-1), e)
+        tiles.append(t)
         distinct.append(n)
-        extra_flops += (g - 1) * 2 * tile * (d * 2 * f + f * d)  # mlp1 and mlp2, one body each counted by XLA
-        extra_bytes += (g - 1) * (d * 2 * f + f * d) * 4
-    return extra_flops, extra_bytes, gemms, distinct
+        extra_flops += 2 * rows * (d * 2 * f + f * d) - counted["flops"]  # mlp1 and mlp2
+        extra_bytes += (t * (d * 2 * f + f * d) + rows * (d + 2 * f + f + d)) * 4 - counted["bytes"]
+    return extra_flops, extra_bytes, tiles, distinct
 
 
 def gather_overcount(cfg: ModelConfig, rows: int) -> float:
@@ -469,10 +494,11 @@ def report(cfg: ModelConfig, args, bw: dict, ours: dict, hf: dict[str, dict]) ->
 
     # ----- cost analysis vs minimum
     print()
-    print("per token            XLA CA    CA + loops     minimum   CA/min  (CA+loops)/min   expert GEMMs per layer "
+    print("per token            XLA CA    CA + loops     minimum   CA/min  (CA+loops)/min   expert tiles per layer "
           "(routed distinct)")
     p = args.prefill
-    extra_f, extra_b, gemms, distinct = loop_flops_bytes(cfg, np.asarray(ours["prefill_routing"]))
+    extra_f, extra_b, gemms, distinct = loop_flops_bytes(cfg, np.asarray(ours["prefill_routing"]),
+                                                         ours["prefill_gmm_cost"])
     extra_b -= gather_overcount(cfg, p)
     ca = ours["prefill_cost"]
     entries = [("prefill FLOPs", ca["flops"] / p, (ca["flops"] + extra_f) / p, min_flops(cfg, list(range(p)), 1) / p,
@@ -483,7 +509,7 @@ def report(cfg: ModelConfig, args, bw: dict, ours: dict, hf: dict[str, dict]) ->
         dec = ours[f"decode{b}"]
         routing = np.asarray(dec["routing"])  # [L, B, steps, k]
         c = dec["context"]
-        per = [loop_flops_bytes(cfg, routing[:, :, i]) for i in range(routing.shape[2])]
+        per = [loop_flops_bytes(cfg, routing[:, :, i], dec["gmm_cost"]) for i in range(routing.shape[2])]
         ef = statistics.mean(x[0] for x in per)
         eb = statistics.mean(x[1] for x in per) - gather_overcount(cfg, b)
         g = [round(statistics.mean(x[2][layer] for x in per), 1) for layer in range(layers)]
@@ -498,8 +524,9 @@ def report(cfg: ModelConfig, args, bw: dict, ours: dict, hf: dict[str, dict]) ->
         summary["ratios"][f"{name} CA/min"] = round(v / vmin, 3)
         summary["ratios"][f"{name} (CA+loops)/min"] = round(vl / vmin, 3)
         print(f"{name:<18}{v:>10.3g}{vl:>14.3g}{vmin:>12.3g}{v / vmin:>9.2f}{vl / vmin:>17.2f}   {g} ({n})")
-    print("(XLA counts each while-loop body once; 'CA + loops' adds the tile loop's other expert GEMMs, replayed on "
-          "the actual routing, and takes out the embedding table XLA counts whole for a gather of more than one row. "
+    print("(XLA counts each while-loop body once; 'CA + loops' replaces what it counts for the grouped matmuls by the "
+          "tiles the actual routing makes, and takes out the embedding table XLA counts whole for a gather of more "
+          "than one row. "
           "Cache slots: prefill " + str(ours["prefill_cache_slots"]) + ", decode "
           + str({b: ours[f"decode{b}"]["cache_slots"] for b in args.batches}) + ")")
 
@@ -527,6 +554,24 @@ def report(cfg: ModelConfig, args, bw: dict, ours: dict, hf: dict[str, dict]) ->
     return summary
 
 
+def report_packed(args, dense: dict, packed: dict) -> dict:
+    """Ours with packed MXFP4 experts vs ours with dense float32 experts (same process layout, same workload)."""
+    rows = [("prefill tok/s", lambda r: r["prefill_tok_s"])]
+    rows += [(f"decode b{b} tok/s", lambda r, b=b: r[f"decode{b}"]["tok_s"]) for b in args.batches]
+    rows += [(f"decode b{b} CPU share", lambda r, b=b: r[f"decode{b}"]["cpu_share"]) for b in args.batches]
+    rows += [("parameters GiB", lambda r: r["param_bytes"] / GiB), ("peak RSS GiB", lambda r: r["peak_rss"] / GiB)]
+    print()
+    print(f"{'ours, experts':<18}{'dense fp32':>12}{'packed':>12}{'packed/dense':>14}")
+    out = {}
+    for name, get in rows:
+        d, p = get(dense), get(packed)
+        out[name] = {"dense": round(d, 3), "packed": round(p, 3), "ratio": round(p / d, 3)}
+        print(f"{name:<18}{d:>12.2f}{p:>12.2f}{p / d:>14.2f}")
+    print(f"load average around the runs: dense {dense['load_before']} -> {dense['load_after']}; packed "
+          f"{packed['load_before']} -> {packed['load_after']}")
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="the tiny preset instead of the 20b-shaped 2-layer slice")
@@ -543,6 +588,10 @@ def main() -> None:
                         "(transformers' default, which on CPU falls back to a slow reference GEMM in bf16), "
                         "'batched_mm', or 'default' (whatever transformers picks)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
+    p.add_argument("--experts", choices=["bf16", "both"], default="bf16",
+                   help="ours with dense experts (dequantized, float32: the default); 'both' also runs ours with "
+                        "packed MXFP4 experts (decoded inside the step) and prints packed vs dense")
+    p.add_argument("--worker-experts", choices=["bf16", "packed"], default="bf16", help=argparse.SUPPRESS)
     p.add_argument("--workdir", type=Path, default=None,
                    help="keep the checkpoint and the raw results here (reused by the next run; default: a temp dir)")
     p.add_argument("--json", type=Path, default=None, help="also write the summary here")
@@ -581,6 +630,7 @@ def main() -> None:
         np.savez(args.tokens, **workload(cfg, args))
         bw = run_worker("bandwidth", args, work)
         ours = run_worker("ours", args, work)
+        packed = run_worker("ours", args, work, ["--worker-experts", "packed"]) if args.experts == "both" else None
         hf, skipped = {}, []
         if not args.skip_hf:
             for dtype in ["fp32"] + ([] if args.skip_bf16 else ["bf16"]):
@@ -590,6 +640,8 @@ def main() -> None:
                 else:
                     hf[dtype] = res
         summary = report(cfg, args, bw, ours, hf)
+        if packed is not None:
+            summary["packed_experts"] = report_packed(args, ours, packed)
         for note in skipped:
             print(note)
         summary["skipped"] = skipped
