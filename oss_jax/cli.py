@@ -191,7 +191,6 @@ def _plan_argv(args: argparse.Namespace) -> list[str]:
     """The command line of this plan (for a re-run with more host devices), asking for JSON."""
     argv = ["plan", "--model", args.model, "--mesh", args.mesh, "--seq-len", str(args.seq_len), "--dtype",
             args.dtype, "--step", args.step, "--experts", args.experts, "--json"]
-    argv += ["--without-cpu-upcasts"] * args.without_cpu_upcasts
     return argv + (["--batch", str(args.batch)] if args.batch else [])
 
 
@@ -213,7 +212,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
         mesh = make_mesh(parse_mesh(args.mesh), plan.mesh_devices(n))
         result = plan.plan(cfg, mesh, step=step, batch=args.batch, seq_len=args.seq_len, dtype=args.dtype,
-                           experts=args.experts, without_cpu_upcasts=args.without_cpu_upcasts).as_dict()
+                           experts=args.experts).as_dict()
     result = {"model": args.model, **result}
     print(json.dumps(result) if args.json else plan.format_plan(result, args.model))
     return 0
@@ -510,9 +509,6 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--experts", choices=EXPERTS, default="bf16",
                    help="bf16: dense expert kernels in --dtype (default); packed: MXFP4 blocks + scales, as the "
                         "published checkpoints ship them")
-    n.add_argument("--without-cpu-upcasts", action="store_true",
-                   help="on CPU in bf16, also compile with float32 weights to report the temp bytes of XLA:CPU's "
-                        "float32 copies of bf16 weights (it has no bf16 GEMM; a GPU/TPU makes none)")
     n.add_argument("--step", choices=("prefill", "decode", "train", "train-lora"), default="prefill",
                    help="prefill: forward over --seq-len tokens; decode: one token against a --seq-len KV cache; "
                         "train: an AdamW step (master weights in --dtype, block remat, bf16 compute); train-lora: "

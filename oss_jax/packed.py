@@ -192,8 +192,10 @@ def packed_leaves(model: nnx.Module) -> dict[str, nnx.Variable]:
     return {path_name(p): v for p, v in nnx.to_flat_state(nnx.state(model, Packed))}
 
 
-def assign_packed(model: nnx.Module, arrays: Mapping[str, np.ndarray | jax.Array]) -> dict[str, np.ndarray | jax.Array]:
-    """Set every Packed leaf from `arrays` (exact names, shapes, uint8); returns the other arrays."""
+def assign_packed(model: nnx.Module, arrays: Mapping[str, np.ndarray | jax.Array]
+                  ) -> Mapping[str, np.ndarray | jax.Array]:
+    """Set every Packed leaf from `arrays` (exact names, shapes, uint8); returns a view of the other arrays (not
+    read: `arrays` may load each value when asked for it)."""
     leaves = packed_leaves(model)
     missing = sorted(set(leaves) - set(arrays))
     if missing:
@@ -204,7 +206,25 @@ def assign_packed(model: nnx.Module, arrays: Mapping[str, np.ndarray | jax.Array
         if tuple(value.shape) != tuple(var.shape) or np.dtype(value.dtype) != np.uint8:
             raise PackedError(f"{name}: {np.dtype(value.dtype)} {tuple(value.shape)}, expected uint8 {var.shape}")
         var.set_value(jnp.asarray(value))
-    return {k: v for k, v in arrays.items() if k not in leaves}
+    return _Without(arrays, set(leaves))
+
+
+class _Without(Mapping):
+    """`arrays` less some names; values are read only when asked for."""
+
+    def __init__(self, arrays: Mapping, names: set[str]):
+        self._arrays, self._names = arrays, names
+
+    def __getitem__(self, name: str):
+        if name in self._names:
+            raise KeyError(name)
+        return self._arrays[name]
+
+    def __iter__(self):
+        return (name for name in self._arrays if name not in self._names)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 def shard_packed(model: nnx.Module, mesh: Mesh) -> None:

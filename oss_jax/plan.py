@@ -18,6 +18,7 @@ published checkpoints store them; decoded inside the step).
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
@@ -81,7 +82,7 @@ class MemoryPlan:
     experts: str
     lower_s: float
     compile_s: float
-    cpu_upcast_bytes: int = 0  # within temp: float32 copies of bf16 weights XLA:CPU makes (see `plan`); 0: not measured
+    weight_copy_bytes: int = 0  # within temp: whole copies of the parameters (see `weight_copy_bytes`)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -239,14 +240,11 @@ def step_builder(step: str) -> Callable[[GptOss, Mesh, int, int], Step]:
 
 
 def plan(cfg: ModelConfig, mesh: Mesh, *, step: str = "prefill", batch: int | None = None, seq_len: int = 4096,
-         dtype: str = "bf16", experts: str = "bf16", without_cpu_upcasts: bool = False) -> MemoryPlan:
+         dtype: str = "bf16", experts: str = "bf16") -> MemoryPlan:
     """Lower and compile `step` of the model `cfg` on `mesh` from abstract inputs; per-device bytes and timings.
 
-    `batch` defaults to one sequence per batch shard (the product of the data and fsdp axes).
-    XLA:CPU has no bf16 GEMM: it multiplies bf16 weights through float32 copies, which its `temp` counts and a GPU/TPU
-    compiler does not make. `without_cpu_upcasts` (bf16 on CPU) compiles the step a second time with float32 weights
-    (no copies; activations at float32 width, so that temp bounds a bf16 one from above) and reports the difference
-    as `cpu_upcast_bytes`.
+    `batch` defaults to one sequence per batch shard (the product of the data and fsdp axes). `weight_copy_bytes`
+    counts the part of `temp` that holds whole copies of parameters (see `weight_copy_bytes`).
     """
     build = step_builder(step)
     if dtype not in DTYPES:
@@ -263,16 +261,49 @@ def plan(cfg: ModelConfig, mesh: Mesh, *, step: str = "prefill", batch: int | No
     params, optimizer, inputs = (per_device_bytes(x) for x in (s.params, s.optimizer, s.inputs))
     temp, output, alias = (int(mem.temp_size_in_bytes), int(mem.output_size_in_bytes),
                            int(mem.alias_size_in_bytes))
-    upcast = 0
-    if without_cpu_upcasts and dtype == "bf16" and mesh.devices.flat[0].platform == "cpu":
-        f32 = build(abstract_sharded_model(cfg, mesh, jnp.float32, experts == "packed"), mesh, batch, seq_len)
-        upcast = max(0, temp - int(_compile(f32, mesh)[0].memory_analysis().temp_size_in_bytes))
     return MemoryPlan(
         params_bytes=params, optimizer_bytes=optimizer, input_bytes=inputs, temp_bytes=temp,
         output_bytes=output, alias_bytes=alias, total_bytes=params + optimizer + inputs + temp + output - alias,
         argument_bytes=int(mem.argument_size_in_bytes), devices=mesh.size, mesh=dict(mesh.shape),
         platform=mesh.devices.flat[0].platform, step=step, batch=batch, seq_len=seq_len, dtype=dtype,
-        experts=experts, lower_s=lower_s, compile_s=compile_s, cpu_upcast_bytes=upcast)
+        experts=experts, lower_s=lower_s, compile_s=compile_s, weight_copy_bytes=weight_copy_bytes(compiled.as_text()))
+
+
+_HLO_LINE = re.compile(r"^\s*%(\S+) = (\w+)\[([\d,]*)\]\{[^}]*\} (\w+)\(([^)]*)\)")
+
+
+def weight_copy_bytes(hlo: str, min_bytes: int = 2**20) -> int:
+    """Bytes of whole copies of the step's parameters (the `state` argument) in optimized HLO text: a fusion, convert,
+    copy or transpose of the entry computation that reads one parameter and writes as many elements.
+
+    XLA:CPU has no bf16 GEMM: it multiplies bf16 weights through float32 copies (and lays some weights out anew), and
+    hoists them to the start of the step, so they sit in `temp` together; a GPU/TPU compiler reads the weights in
+    place. `total - weight_copy_bytes` is the step's memory without them (as long as the copies are all live at once,
+    which is what XLA:CPU's buffer assignment shows for the plans in the README).
+    """
+    entry = hlo[hlo.index("\nENTRY"):] if "\nENTRY" in hlo else hlo
+    params: dict[str, int] = {}
+    total = 0
+    for line in entry.splitlines():
+        match = _HLO_LINE.match(line)
+        if match is None:
+            continue
+        name, dtype, dims, op, operands = match.groups()
+        elements = math.prod(int(d) for d in dims.split(",") if d)
+        if op == "parameter":
+            if name.startswith("state") or 'op_name="state[' in line:  # (SPMD-partitioned modules rename them)
+                params[name] = elements
+            continue
+        size = elements * _HLO_ITEMSIZE.get(dtype, 4)
+        reads = [o.strip().lstrip("%") for o in operands.split(",")]
+        if op in ("fusion", "convert", "copy", "transpose") and size >= min_bytes and any(
+                params.get(r) == elements for r in reads):
+            total += size
+    return total
+
+
+_HLO_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
+                 "f64": 8, "s64": 8, "u64": 8}
 
 
 def _compile(s: Step, mesh: Mesh) -> tuple[Any, float, float]:
@@ -296,13 +327,13 @@ def format_plan(p: Mapping[str, Any], model: str = "") -> str:
     for key in ("params", "optimizer", "input", "temp", "output", "total"):
         n = p[f"{key}_bytes"]
         lines.append(f"{key:<12}{n:>18,}{n / 2**30:>10.2f}")
-    upcast = p.get("cpu_upcast_bytes", 0)
-    if upcast:
-        n = p["total_bytes"] - upcast
-        lines.append(f"{'- upcasts':<12}{upcast:>18,}{upcast / 2**30:>10.2f}  float32 copies of bf16 weights in temp "
-                     f"(XLA:CPU has no bf16 GEMM)")
-        lines.append(f"{'= no upcast':<12}{n:>18,}{n / 2**30:>10.2f}  total without them (temp of the step compiled "
-                     f"with float32 weights)")
+    copies = p.get("weight_copy_bytes", 0)
+    if copies:
+        n = p["total_bytes"] - copies
+        lines.append(f"{'- copies':<12}{copies:>18,}{copies / 2**30:>10.2f}  of temp: whole copies of weights "
+                     f"(XLA:CPU: float32 upcasts of bf16 weights, relaid-out weights)")
+        lines.append(f"{'= in place':<12}{n:>18,}{n / 2**30:>10.2f}  total with the weights read in place, as on "
+                     f"GPU/TPU")
     expected = p["params_bytes"] + p["optimizer_bytes"] + p["input_bytes"]
     check = "matches" if p["argument_bytes"] == expected else "DOES NOT match"
     lines.append(f"the compiled executable's arguments: {p['argument_bytes']:,} bytes ({check} params + optimizer "
