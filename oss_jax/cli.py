@@ -1,4 +1,4 @@
-"""The `oss-jax` command line: convert, export, make-checkpoint, parity, plan, demo."""
+"""The `oss-jax` command line: convert, export, make-checkpoint, parity, plan, generate, chat, train, demo."""
 
 from __future__ import annotations
 
