@@ -111,7 +111,7 @@ def optimizer(tc: TrainConfig) -> optax.GradientTransformation:
     def decay_mask(params):
         return {name: p.ndim >= 2 for name, p in params.items()}
     return optax.chain(optax.clip_by_global_norm(tc.clip_norm),
-                       optax.adamw(schedule(tc), tc.b1, tc.b2, tc.eps, tc.weight_decay, mask=decay_mask))
+                       optax.adamw(schedule(tc), tc.b1, tc.b2, tc.eps, weight_decay=tc.weight_decay, mask=decay_mask))
 
 
 # ------------------------------------------------------------------ losses

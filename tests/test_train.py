@@ -259,3 +259,15 @@ def test_bad_data_line_is_named(converted, tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True)
     assert out.returncode == 2 and f"{data}:5:" in out.stderr, out.stderr
     assert not (tmp_path / "run" / finetune.CHECKPOINTS).exists()
+
+
+def test_optimizer_is_clipped_adamw_with_decay_on_matrices_only():
+    """First step, by hand: -lr * (g / (|g| + eps) + wd * p) on matrices, without the decay on vectors."""
+    tc = train.TrainConfig(learning_rate=0.1, warmup_steps=0, steps=10, weight_decay=0.5, clip_norm=1e9)
+    tx = train.optimizer(tc)
+    params = {"m": jnp.full((2, 3), 2.0), "v": jnp.full((3,), 2.0)}
+    grads = {"m": jnp.full((2, 3), 0.25), "v": jnp.full((3,), -0.25)}
+    updates, _ = tx.update(grads, tx.init(params), params)
+    adam = 0.25 / (0.25 + tc.eps)
+    np.testing.assert_allclose(updates["m"], -0.1 * (adam + 0.5 * 2.0), rtol=1e-6)
+    np.testing.assert_allclose(updates["v"], 0.1 * adam, rtol=1e-6)
