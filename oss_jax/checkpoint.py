@@ -32,6 +32,7 @@ from oss_jax.params import assign_params, flat_params, logical_axes
 
 PARAMS = "params"
 EXPERTS = ("packed", "bf16")  # how `load` gives MXFP4 experts to the model: as stored, or dequantized (dense)
+RESTORE_GROUP_BYTES = 128 * 2**20  # leaves read per Orbax call (bounds the reader's transient host memory)
 
 
 class CheckpointError(ValueError):
@@ -87,7 +88,10 @@ def stored_metadata(path: str | Path) -> dict[str, tuple[tuple[int, ...], np.dty
 
 
 def restore(path: str | Path, mesh: Mesh | None = None, names: Iterable[str] | None = None) -> dict[str, jax.Array]:
-    """Stored leaves by name (all, or `names`), each read straight into its sharding on `mesh`."""
+    """Stored leaves by name (all, or `names`), each read straight into its sharding on `mesh`.
+
+    Read RESTORE_GROUP_BYTES at a time: the reader's transient host copies then cover one group, not the whole tree.
+    """
     path = Path(path).absolute()  # Orbax wants absolute paths
     cfg = ModelConfig.from_file(path)
     meta = stored_metadata(path)
@@ -96,15 +100,31 @@ def restore(path: str | Path, mesh: Mesh | None = None, names: Iterable[str] | N
     if unknown:
         raise CheckpointError(f"{path}: no stored parameters {unknown[:5]}")
     axes = _model_axes(cfg)
-    target = {}
-    for name, (shape, dtype) in meta.items():
-        if name in wanted:
+    out = {}
+    for group in _groups([n for n in meta if n in wanted], meta):
+        target = {name: ocp.PLACEHOLDER for name in meta}
+        for name in group:
+            shape, dtype = meta[name]
             target[name] = jax.ShapeDtypeStruct(shape, dtype, sharding=_sharding(stored_axes(name, axes), shape,
                                                                                   mesh, name))
-        else:
-            target[name] = ocp.PLACEHOLDER
-    restored = flatten(ocp.load(path / PARAMS, nest(target)))
-    return {name: restored[name] for name in wanted}
+        restored = flatten(ocp.load(path / PARAMS, nest(target)))
+        out |= {name: restored[name] for name in group}
+    return out
+
+
+def _groups(names: list[str], meta: dict[str, tuple[tuple[int, ...], np.dtype]]) -> list[list[str]]:
+    """`names` in consecutive groups of about RESTORE_GROUP_BYTES (a larger leaf is a group of its own)."""
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name in names:
+        shape, dtype = meta[name]
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if groups[-1] and size + nbytes > RESTORE_GROUP_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    return [g for g in groups if g]
 
 
 @functools.lru_cache(maxsize=8)
