@@ -13,8 +13,21 @@ from typing import Any
 # shapes ([64,2880]x[2880,5760]: 7.0e-6 vs 1.4e-6 against float64), enough to push a full-width 2-layer slice past
 # 1e-4 logit parity; switching it off is also faster here. The flag only matters on CPU, and only when set before
 # jax starts its backends (importing oss_jax first, or before the first jax computation, is enough).
+# XLA rejects flags it does not know, so the flag is set only for the jaxlib it was measured with.
 _YNN_OFF = "--xla_cpu_experimental_ynn_fusion_type="
-if "xla_cpu_experimental_ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
+
+
+def _jaxlib_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("jaxlib")
+    except PackageNotFoundError:
+        return ""
+
+
+if "xla_cpu_experimental_ynn_fusion_type" not in os.environ.get("XLA_FLAGS", "") and \
+        _jaxlib_version().startswith("0.10."):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_YNN_OFF}".strip()
 
 __version__ = "0.1.0"

@@ -49,11 +49,22 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> ja
     """lhs [A, D] (rows grouped by expert, sizes [E]) x rhs [E, D, N] -> [A, N] float32; rows past the groups -> 0.
 
     `jax.lax.ragged_dot`, except on CPU, where XLA lowers it to a dense product against every expert (E times the
-    work and an [E, A, D] buffer): there, `tiled_grouped_matmul`, with a tiled VJP (gradients of lhs and rhs).
+    work and an [E, A, D] buffer): there, `tiled_grouped_matmul`, with a tiled VJP (gradients of lhs and rhs). On
+    accelerators with at most E rows (decode), `gathered_matmul`.
     """
-    if jax.default_backend() != "cpu":
-        return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=jnp.float32)
-    return _tiled_grouped_matmul(lhs, rhs, group_sizes)
+    if jax.default_backend() == "cpu":
+        return _tiled_grouped_matmul(lhs, rhs, group_sizes)
+    if lhs.shape[0] <= rhs.shape[0]:
+        return gathered_matmul(lhs, rhs, group_sizes)
+    return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=jnp.float32)
+
+
+def gathered_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """`grouped_matmul` as one reduction in which each row reads only its own expert's weight (a gather fused into
+    it): for few rows, where a dense lowering of ragged_dot reads every expert's weights."""
+    ids, valid = packed.row_experts(group_sizes, lhs.shape[0])
+    y = jnp.sum(lhs.astype(jnp.float32)[:, :, None] * rhs[ids].astype(jnp.float32), axis=1)  # [A, D, N] -> [A, N]
+    return jnp.where(valid[:, None], y, 0.0)
 
 
 TILE = 64  # rows of a full tile: about where XLA:CPU's float32 GEMM stops gaining from more rows

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from oss_jax import mxfp4
@@ -92,12 +94,17 @@ def _twice_fp4(codes: jax.Array) -> jax.Array:
     return jnp.where(codes >= 8, -magnitude, magnitude)
 
 
+def _half_scale(scales: jax.Array) -> jax.Array:
+    """E8M0 scale codes -> half the scale, 2^(code - 128), float32 (codes 0 and 1 -> 0: subnormal)."""
+    return jax.lax.bitcast_convert_type((jnp.maximum(scales.astype(jnp.uint32), 1) - 1) << 23, jnp.float32)
+
+
 def decode_nibbles(blocks: jax.Array, scales: jax.Array, high: bool, dtype: jnp.dtype) -> jax.Array:
     """blocks [N, G, 16] + scales [N, G] -> the even (low nibble) or odd (high) elements of each group, [N, G*16].
 
     Exact for scale codes 2-254; codes 0 and 1 (|value| < 2^-125, subnormal, flushed on CPU) decode to 0.
     """
-    half = jax.lax.bitcast_convert_type((jnp.maximum(scales.astype(jnp.uint32), 1) - 1) << 23, jnp.float32)
+    half = _half_scale(scales)
     codes = blocks >> 4 if high else blocks & 15
     return (_twice_fp4(codes) * half[..., None]).reshape(blocks.shape[0], -1).astype(dtype)
 
@@ -115,9 +122,9 @@ def _slices(n: int) -> int:
     return next(c for c in range(want, n + 1) if n % c == 0)
 
 
-def row_tile(a: int, num_experts: int) -> int:
-    """Rows multiplied at a time: the next power of two >= A / E, at most 64."""
-    return min(64, 1 << (-(-a // num_experts) - 1).bit_length())
+def row_tile(a: int, num_experts: int, most: int = 64) -> int:
+    """Rows multiplied at a time: the next power of two >= A / E, at most `most`."""
+    return min(most, 1 << (-(-a // num_experts) - 1).bit_length())
 
 
 def grouped_matmul(lhs: jax.Array, w: MXFP4, group_sizes: jax.Array, dtype: jnp.dtype,
@@ -125,18 +132,108 @@ def grouped_matmul(lhs: jax.Array, w: MXFP4, group_sizes: jax.Array, dtype: jnp.
     """lhs [A, in] (rows grouped by expert, sizes [E]) x packed w [E, in, out] -> [A, out] float32; rows past the
     groups -> 0. Inference only (no gradient).
 
-    Loops over the experts that hold rows, over slices of their output rows (decoded once each, low and high
-    nibbles apart, into two [rows, in/2] matrices that stay in cache) and over row tiles of that expert (even input
-    columns times the low-nibble matrix plus odd columns times the high one). Inside shard_map with `tensor_axis`,
-    lhs may hold only this device's slice of `in` (mlp2 whose F groups are not split over the axis): it is placed
-    at its offset in zero rows of full width.
+    On accelerators with at most E rows (decode), `gathered_matmul`; otherwise `looped_matmul`. Inside shard_map
+    with `tensor_axis`, lhs may hold only this device's slice of `in` (mlp2 whose F groups are not split over the
+    axis): it is placed at its offset in zero rows of full width.
     """
-    e, width, n = w.shape
+    e, width, _ = w.shape
     x = lhs.astype(dtype)
     if x.shape[1] != width:
         offset = jax.lax.axis_index(tensor_axis) * x.shape[1]
         x = jax.lax.dynamic_update_slice_in_dim(jnp.zeros((x.shape[0], width), dtype), x, offset, 1)
-    a, tile, rows = x.shape[0], row_tile(x.shape[0], e), n // _slices(n)
+    if jax.default_backend() != "cpu" and x.shape[0] <= e:
+        return gathered_matmul(x, w, group_sizes)
+    return looped_matmul(x, w, group_sizes, dtype)
+
+
+def row_experts(group_sizes: jax.Array, a: int) -> tuple[jax.Array, jax.Array]:
+    """Expert id of each of A rows grouped by expert (sizes [E]; rows past the groups: the last expert) and whether
+    the row is in a group. Compares against every group end: no loop (a while loop syncs with the host on GPUs)."""
+    ends = jnp.cumsum(group_sizes)
+    rows = jnp.arange(a)
+    ids = jnp.sum(rows[:, None] >= ends[None, :], axis=1, dtype=jnp.int32)
+    return jnp.minimum(ids, group_sizes.shape[0] - 1), rows < ends[-1]
+
+
+def gathered_matmul(x: jax.Array, w: MXFP4, group_sizes: jax.Array) -> jax.Array:
+    """x [A, in] (rows grouped by expert, sizes [E]) x packed w [E, in, out] -> [A, out] float32, one reduction.
+
+    Each row reads its own expert's packed bytes as 32-bit words (nibble j of little-endian word i of a group is
+    element 8i + j) and nothing decoded is written; XLA:GPU copies the gathered words once (jax 0.11.2, H100), then
+    reduces over `in`, the packed layout's contiguous axis. For few rows on accelerators, where a loop over experts
+    costs kernel launches and host round trips.
+    """
+    e, width, n = w.shape
+    a, g = x.shape[0], width // mxfp4.GROUP
+    ids, valid = row_experts(group_sizes, a)
+    words = jax.lax.bitcast_convert_type(w.blocks.reshape(e, n, g, 4, 4), jnp.uint32)  # [E, out, G, 4]
+    codes = (words[ids][..., None] >> (4 * jnp.arange(8, dtype=jnp.uint32))) & 15  # [A, out, G, 4, 8]
+    xs = x.astype(jnp.float32).reshape(a, 1, g, 4, 8)
+    half = _half_scale(w.scales[ids])[..., None, None]  # [A, out, G, 1, 1]
+    y = jnp.sum(_twice_fp4(codes) * xs * half, axis=(2, 3, 4))
+    return jnp.where(valid[:, None], y, 0.0)
+
+
+KERNEL_ROWS = 64  # output rows per program of `kernel_matmul`
+KERNEL_PROGRAMS = 2048  # split `in` over programs until about this many run: enough loads in flight on a GPU
+
+
+def kernel_matmul(x: jax.Array, w: MXFP4, group_sizes: jax.Array, block_rows: int = KERNEL_ROWS,
+                  splits: int | None = None, interpret: bool | None = None) -> jax.Array:
+    """`gathered_matmul` as a Pallas kernel (Triton on GPUs; interpreted elsewhere). Not the default: on an H100 it
+    was 1.2x faster than `gathered_matmul` in 20b decode, mixed at 120b, and its output was checked only interpreted.
+
+    One program per row, `block_rows` output rows (a power of two dividing out) and 1/`splits` of the input groups
+    (default: the fewest splits dividing the groups that make about KERNEL_PROGRAMS programs): it streams its
+    expert's packed bytes a group (16 bytes per output row) at a time, decodes them in registers and writes a
+    partial sum; the splits are summed after.
+    """
+    e, width, n = w.shape
+    a, g = x.shape[0], width // mxfp4.GROUP
+    if n % block_rows:
+        raise PackedError(f"kernel_matmul: {n} output rows do not split into blocks of {block_rows}")
+    if splits is None:
+        splits = next(s for s in range(1, g + 1) if g % s == 0 and (a * (n // block_rows) * s >= KERNEL_PROGRAMS
+                                                                    or s == g))
+    per_split, size = g // splits, mxfp4.BYTES_PER_GROUP
+    ids, valid = row_experts(group_sizes, a)
+    even, odd = (h.astype(jnp.float32) for h in split_columns(x))  # [A, in/2]
+    blocks = w.blocks.reshape(e, n, g * size)
+
+    def kernel(ids_ref, even_ref, odd_ref, blocks_ref, scales_ref, out_ref):
+        row, expert = pl.program_id(0), ids_ref[pl.program_id(0)]
+        outs = pl.ds(pl.program_id(1) * block_rows, block_rows)
+        first = pl.program_id(2) * per_split
+
+        def group(i, acc):
+            cols = pl.ds((first + i) * size, size)
+            b = blocks_ref[expert, outs, cols]  # [rows, 16] uint8
+            part = jnp.sum(_twice_fp4(b & 15) * even_ref[row, cols][None, :]
+                           + _twice_fp4(b >> 4) * odd_ref[row, cols][None, :], axis=1)
+            return acc + part * _half_scale(scales_ref[expert, outs, first + i])
+        out_ref[...] = jax.lax.fori_loop(0, per_split, group, jnp.zeros((block_rows,), jnp.float32))
+
+    partial = pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((splits, a, n), jnp.float32), grid=(a, n // block_rows, splits),
+        out_specs=pl.BlockSpec((pl.squeezed, pl.squeezed, block_rows), lambda i, j, k: (k, i, j)),
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=3),  # Triton, not Mosaic GPU
+        interpret=jax.default_backend() != "gpu" if interpret is None else interpret,
+    )(ids, even, odd, blocks, w.scales)
+    return jnp.where(valid[:, None], partial.sum(axis=0), 0.0)
+
+
+def looped_matmul(x: jax.Array, w: MXFP4, group_sizes: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """`grouped_matmul` for x [A, in] of full width, as loops.
+
+    Loops over the experts that hold rows, over slices of their output rows (decoded once each, low and high
+    nibbles apart, into two [rows, in/2] matrices that stay in cache) and over row tiles of that expert (even input
+    columns times the low-nibble matrix plus odd columns times the high one). On accelerators a slice is the whole
+    expert (one decode per expert, where each loop step costs kernel launches) and tiles go up to 256 rows.
+    """
+    e, width, n = w.shape
+    cpu = jax.default_backend() == "cpu"
+    a = x.shape[0]
+    tile, rows = row_tile(a, e, 64 if cpu else 256), n // _slices(n) if cpu else n
     even, odd = (jnp.pad(h, ((0, tile), (0, 0))) for h in split_columns(x))
     ends = jnp.cumsum(group_sizes)
     starts = ends - group_sizes

@@ -1,0 +1,388 @@
+"""Full-size decode on one accelerator: gpt-oss-20b / 120b shapes, random weights generated on the device.
+
+No checkpoint and no host copy: every parameter (packed MXFP4 expert bytes, or bf16 experts) is drawn by a jitted
+function straight into device memory. Then, per batch size: prefill a --context-token prompt per row (each row
+alone, in chunks of --chunk: batch-1 prefill tokens/s), and time --steps decode steps (each feeding its argmax
+back, nothing leaves the device). Printed:
+
+  prefill and decode tokens/s; device memory (weights, KV cache, peak in use)
+  decode as a fraction of the memory-bandwidth bound: bytes that must be read per step / streaming-read
+      bandwidth, measured in the same process (a jitted sum over a 2 GiB array, best of 5)
+  the expert matmul alone at decode shapes (one layer's mlp1 + mlp2 rows, random routing): each implementation
+      (packed: gathered / looped; bf16: gathered / ragged_dot), its time and its share of the bound
+
+Bytes per decode step (stored dtypes): every non-expert weight once (attention, router, norms, unembedding), one
+embedding row per sequence, the experts the step routes to once each (batch 1: k per layer; batch B: the expected
+number of distinct experts under uniform routing, E (1 - (1 - k/E)^B), per layer), and the KV entries visible to
+each query. Not part of CI.
+
+    python benchmarks/device_decode.py --model gpt-oss-20b --experts packed --json out.json
+    python benchmarks/device_decode.py --model gpt-oss-120b --experts packed
+    python benchmarks/device_decode.py --model tiny --batches 1,2     # a smoke run anywhere (CPU too)
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    # benchmarks/convert.py would shadow the `convert` package; the repository root works uninstalled too
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from configs import preset_path  # noqa: E402
+from oss_jax import moe, mxfp4, packed  # noqa: E402
+from oss_jax.cache import cache_bytes, init_cache  # noqa: E402
+from oss_jax.config import ModelConfig  # noqa: E402
+from oss_jax.generate import _decode, decode_step, prefill_step, split_model  # noqa: E402
+from oss_jax.model import GptOss, abstract_model  # noqa: E402
+from oss_jax.params import INIT_STD, path_name  # noqa: E402
+
+GiB = 2**30
+
+
+def device_memory() -> dict[str, int]:
+    """The allocator's bytes in use and peak (empty where the backend does not report them)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    return {k: int(stats[k]) for k in ("bytes_in_use", "peak_bytes_in_use", "bytes_limit") if k in stats}
+
+
+def best_time(fn, reps: int) -> float:
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def read_bandwidth(nbytes: int = 2 * GiB) -> float:
+    """Streaming-read bytes/s: a jitted sum over a float32 array of `nbytes`."""
+    x = jax.jit(lambda: jnp.ones((nbytes // 4 // 4096, 4096), jnp.float32))()
+    total = jax.jit(jnp.sum)
+    return nbytes / best_time(lambda: total(x), 5)
+
+
+# ------------------------------------------------------------------ random weights, drawn on the device
+
+
+def _kind(name: str) -> str:
+    """How a leaf is drawn: packed bytes, packed scale codes, norm scales (ones), biases and sinks (zeros), normal."""
+    if name.endswith((".blocks", ".scales")):
+        return name.rsplit(".", 1)[-1]
+    if name.endswith("scale"):
+        return "ones"
+    return "zeros" if name.endswith(("bias", "sinks")) else "normal"
+
+
+def _fill(key: jax.Array, kind: str, shape: tuple[int, ...], dtype) -> jax.Array:
+    if kind == "blocks":
+        return jax.random.bits(key, shape, jnp.uint8)
+    if kind == "scales":
+        return jnp.full(shape, packed.INIT_SCALE, jnp.uint8)
+    if kind in ("ones", "zeros"):
+        return (jnp.ones if kind == "ones" else jnp.zeros)(shape, dtype)
+    return (INIT_STD * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+_fill_jit = jax.jit(_fill, static_argnums=(1, 2, 3))
+
+
+def random_model(cfg: ModelConfig, dtype, packed_experts: bool, seed: int = 0) -> GptOss:
+    """The model with every leaf drawn on the default device, one leaf at a time (peak: one float32 temporary)."""
+    model = abstract_model(cfg, dtype, packed_experts)
+    key = jax.random.key(seed)
+    for i, (path, var) in enumerate(nnx.to_flat_state(nnx.state(model))):
+        var.set_value(_fill_jit(jax.random.fold_in(key, i), _kind(path_name(path)), tuple(var.shape),
+                                jnp.dtype(var.dtype)))
+    return model
+
+
+# ------------------------------------------------------------------ the bound
+
+
+def expected_distinct(e: int, k: int, batch: int) -> float:
+    """Distinct experts one layer routes `batch` tokens to, k each, uniformly at random: E (1 - (1 - k/E)^B)."""
+    return float(k if batch == 1 else e * (1 - (1 - k / e) ** batch))
+
+
+def expert_bytes(cfg: ModelConfig, packed_experts: bool, itemsize: int) -> float:
+    """Bytes of one expert's mlp1 + mlp2 kernels as stored, plus its biases (float32)."""
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    weights = 3 * d * f  # mlp1 D x 2F + mlp2 F x D
+    stored = weights * (mxfp4.BYTES_PER_GROUP + 1) / mxfp4.GROUP if packed_experts else weights * itemsize
+    return stored + (2 * f + d) * 4
+
+
+def step_bytes(cfg: ModelConfig, packed_experts: bool, itemsize: int, batch: int, position: int,
+               cache_itemsize: int) -> float:
+    """Bytes one decode step must read: see the module docstring."""
+    d, n, kv, h, e = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                      cfg.num_experts)
+    attention = (d * n * h + 2 * d * kv * h + n * h * d) * itemsize + ((n + 2 * kv) * h + d + n) * 4
+    router = d * e * itemsize + e * 4
+    experts = expected_distinct(e, cfg.experts_per_token, batch) * expert_bytes(cfg, packed_experts, itemsize)
+    total = 0.0
+    for layer in range(cfg.num_hidden_layers):
+        window = cfg.window(layer)
+        visible = position + 1 if window is None else min(window, position + 1)
+        total += attention + router + experts + 2 * d * 4 + batch * 2 * visible * kv * h * cache_itemsize
+    return total + cfg.vocab_size * d * itemsize + batch * d * itemsize + d * 4
+
+
+# ------------------------------------------------------------------ the expert matmul alone
+
+
+def _routing(cfg: ModelConfig, batch: int, seed: int) -> np.ndarray:
+    """Group sizes [E] of `batch` tokens routed to k distinct random experts each."""
+    rng = np.random.default_rng(seed)
+    ids = np.stack([rng.choice(cfg.num_experts, cfg.experts_per_token, replace=False) for _ in range(batch)])
+    return np.bincount(ids.reshape(-1), minlength=cfg.num_experts).astype(np.int32)
+
+
+def _compiled_ops(fn, *args) -> str:
+    """What the compiled computation launches at its top level: op name -> count (fusions, gathers, loops)."""
+    return _ops_of(fn.lower(*args).compile().as_text() or "")
+
+
+def _ops_of(text: str) -> str:
+    entry = text[text.find("ENTRY"):]
+    entry = entry[: entry.find("\n}")]
+    counts: dict[str, int] = {}
+    for line in entry.splitlines()[1:]:
+        m = re.search(r" = (?:\([^()]*\)|\S+) ([a-z][\w.-]*)\(", line)  # NAME = SHAPE OP(...)
+        if m:
+            counts[m.group(1)] = counts.get(m.group(1), 0) + 1
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if k not in ("parameter", "constant", "tuple",
+                                                                               "get-tuple-element", "bitcast"))
+
+
+def _gathered_bytes(x, w, group_sizes):
+    """The gathered packed matmul reading bytes (low and high nibbles apart) instead of 32-bit words."""
+    e, width, n = w.shape
+    a, g = x.shape[0], width // mxfp4.GROUP
+    ids, valid = packed.row_experts(group_sizes, a)
+    even, odd = (h.astype(jnp.float32).reshape(a, 1, g, 16) for h in packed.split_columns(x))
+    blocks = w.blocks[ids]
+    half = packed._half_scale(w.scales[ids])[..., None]
+    y = jnp.sum((packed._twice_fp4(blocks & 15) * even + packed._twice_fp4(blocks >> 4) * odd) * half, axis=(2, 3))
+    return jnp.where(valid[:, None], y, 0.0)
+
+
+def _gathered_rows(x, w, group_sizes):
+    """The gathered packed matmul as one reduction per row (its expert taken by a dynamic slice, not a gather)."""
+    e, width, n = w.shape
+    a, g = x.shape[0], width // mxfp4.GROUP
+    ids, valid = packed.row_experts(group_sizes, a)
+    words = jax.lax.bitcast_convert_type(w.blocks.reshape(e, n, g, 4, 4), jnp.uint32)
+    shifts = 4 * jnp.arange(8, dtype=jnp.uint32)
+    out = []
+    for r in range(a):
+        codes = (jax.lax.dynamic_index_in_dim(words, ids[r], keepdims=False)[..., None] >> shifts) & 15
+        half = packed._half_scale(jax.lax.dynamic_index_in_dim(w.scales, ids[r], keepdims=False))[..., None, None]
+        xs = x[r].astype(jnp.float32).reshape(1, g, 4, 8)
+        out.append(jnp.sum(packed._twice_fp4(codes) * xs * half, axis=(1, 2, 3)))
+    return jnp.where(valid[:, None], jnp.stack(out), 0.0)
+
+
+GATHERED = {"words": packed.gathered_matmul, "bytes": _gathered_bytes, "rows": _gathered_rows,
+            "kernel64": functools.partial(packed.kernel_matmul, block_rows=64),
+            "kernel32": functools.partial(packed.kernel_matmul, block_rows=32),
+            "kernel64x1": functools.partial(packed.kernel_matmul, block_rows=64, splits=1)}
+
+
+def expert_matmuls(cfg: ModelConfig, dtype, packed_experts: bool, batches: list[int], bandwidth: float,
+                   reps: int, looped: bool, hlo_dir: Path | None, variants: list[str]) -> list[dict]:
+    """One layer's mlp1 then mlp2 grouped matmuls at decode shapes, each implementation timed alone."""
+    d, f, e = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts
+    key = jax.random.key(1)
+    if packed_experts:
+        w1 = packed.MXFP4(_fill_jit(key, "blocks", (e, 2 * f, d // 32, 16), jnp.dtype(jnp.uint8)),
+                          _fill_jit(key, "scales", (e, 2 * f, d // 32), jnp.dtype(jnp.uint8)))
+        w2 = packed.MXFP4(_fill_jit(key, "blocks", (e, d, f // 32, 16), jnp.dtype(jnp.uint8)),
+                          _fill_jit(key, "scales", (e, d, f // 32), jnp.dtype(jnp.uint8)))
+        impls = {f"gathered-{k}": v for k, v in GATHERED.items() if k in variants}
+        if looped:
+            impls["looped"] = lambda x, w, g: packed.looped_matmul(x, w, g, dtype)
+    else:
+        w1 = _fill_jit(key, "normal", (e, d, 2 * f), jnp.dtype(dtype))
+        w2 = _fill_jit(key, "normal", (e, f, d), jnp.dtype(dtype))
+        impls = {"gathered": moe.gathered_matmul}
+    rows = []
+    for batch in batches:
+        sizes = jnp.asarray(_routing(cfg, batch, seed=batch))
+        a = batch * cfg.experts_per_token
+        x1 = jax.random.normal(key, (a, d), jnp.float32).astype(dtype)
+        x2 = jax.random.normal(key, (a, f), jnp.float32).astype(dtype)
+        distinct = int(np.count_nonzero(np.asarray(sizes)))
+        need = distinct * (expert_bytes(cfg, packed_experts, jnp.dtype(dtype).itemsize) - (2 * f + d) * 4)
+        for name, impl in impls.items():
+            step = jax.jit(lambda x1, x2, g, w1, w2, impl=impl: (impl(x1, w1, g), impl(x2, w2, g)))
+            seconds = best_time(lambda step=step, x1=x1, x2=x2, sizes=sizes: step(x1, x2, sizes, w1, w2), reps)
+            rows.append({"batch": batch, "impl": name, "rows": a, "distinct_experts": distinct,
+                         "seconds": seconds, "bytes": need, "fraction_of_bound": need / bandwidth / seconds,
+                         "ops": _compiled_ops(step, x1, x2, sizes, w1, w2)})
+            if hlo_dir is not None and batch == 1:
+                (hlo_dir / f"hlo_matmul_{name}.txt").write_text(step.lower(x1, x2, sizes, w1, w2).compile().as_text())
+            print(f"  expert matmul b{batch} {name:16s} {seconds * 1e6:9.1f} us  {need / 2**20:8.1f} MiB  "
+                  f"{need / bandwidth / seconds:5.2f} of bound   [{rows[-1]['ops']}]", flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------ prefill + decode
+
+
+def prefill_rows(model: GptOss, cfg: ModelConfig, prompt: np.ndarray, slots: int, chunk: int, cache_dtype
+                 ) -> tuple[jax.Array, list]:
+    """Prefill each row of prompt [B, C] alone (one compiled batch-1 chunk step for every batch size), then stack
+    the rows' caches: the last logits [B, V] and the batch's cache."""
+    rows, model = [], split_model(model)
+    for row in prompt:
+        caches = init_cache(cfg, 1, slots, cache_dtype)
+        for c in range(0, prompt.shape[1], chunk):
+            pos = jnp.arange(c, c + chunk, dtype=jnp.int32)[None]
+            logits, caches = prefill_step(model, jnp.asarray(row[None, c:c + chunk]), pos, caches)
+        rows.append((logits, caches))
+    return (jnp.concatenate([r[0] for r in rows]),
+            jax.tree.map(lambda *leaves: jnp.concatenate(leaves), *[r[1] for r in rows]))
+
+
+def random_cache(cfg: ModelConfig, batch: int, context: int, slots: int, cache_dtype) -> list:
+    """A cache as a prefill of `context` tokens leaves it, holding random keys and values."""
+    key = jax.random.key(2)
+    pos = jnp.broadcast_to(jnp.arange(context, dtype=jnp.int32), (batch, context))
+    shape = (batch, context, cfg.num_key_value_heads, cfg.head_dim)
+    kv = jax.random.normal(key, shape, jnp.float32).astype(cache_dtype)
+    return [c.write(kv, kv, pos) for c in init_cache(cfg, batch, slots, cache_dtype)]
+
+
+def run_batch(model: GptOss, cfg: ModelConfig, batch: int, args, cache_dtype) -> dict:
+    context, steps, chunk = args.context, args.steps, min(args.chunk, args.context)
+    slots = -(-(context + steps + args.warmup) // 256) * 256
+    prompt = np.random.default_rng(batch).integers(0, cfg.vocab_size, (batch, context)).astype(np.int32)
+    first_prefill = prefill_s = float("nan")
+    if args.prefill:
+        t0 = time.perf_counter()
+        jax.block_until_ready(prefill_rows(model, cfg, prompt[:1], slots, chunk, cache_dtype))  # compiles (once)
+        first_prefill = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        logits, caches = jax.block_until_ready(prefill_rows(model, cfg, prompt, slots, chunk, cache_dtype))
+        prefill_s = time.perf_counter() - t0
+        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    else:
+        caches = random_cache(cfg, batch, context, slots, cache_dtype)
+        tokens = jnp.asarray(prompt[:, -1])
+    if args.hlo_dir is not None and batch == 1:
+        graphdef, state = nnx.split(model)
+        compiled = _decode.lower(graphdef, state, tokens, jnp.full((batch,), context, jnp.int32), caches).compile()
+        text = compiled.as_text()
+        (args.hlo_dir / "hlo_decode.txt").write_text(text)
+        print(f"  decode step launches: [{_ops_of(text)}]", flush=True)
+
+    position = jnp.full((batch,), context, jnp.int32)
+    model = split_model(model)  # once: nnx.split per step would cost more than the step
+    t0 = time.perf_counter()
+    for i in range(args.warmup):
+        logits, caches = decode_step(model, tokens, position + i, caches)
+        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    jax.block_until_ready(tokens)
+    warm_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for i in range(steps):
+        logits, caches = decode_step(model, tokens, position + args.warmup + i, caches)
+        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    jax.block_until_ready(tokens)
+    decode_s = (time.perf_counter() - t0) / steps
+    return {"batch": batch, "context": context, "cache_slots": slots, "cache_bytes": cache_bytes(caches),
+            "prefill_tok_s": batch * context / prefill_s, "prefill_first_s": first_prefill,
+            "decode_warmup_s": warm_s, "decode_step_s": decode_s, "decode_tok_s": batch / decode_s,
+            "mid_position": context + args.warmup + steps // 2}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="gpt-oss-20b", help="a preset (gpt-oss-20b, gpt-oss-120b, tiny) or config.json")
+    p.add_argument("--experts", choices=["packed", "bf16"], default="packed",
+                   help="packed MXFP4 expert bytes, or experts stored in --dtype")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="the other weights, the cache")
+    p.add_argument("--batches", default="1,8", help="decode batch sizes")
+    p.add_argument("--context", type=int, default=1024, help="prompt tokens per row before decoding")
+    p.add_argument("--chunk", type=int, default=256, help="prefill chunk length")
+    p.add_argument("--steps", type=int, default=32, help="timed decode steps")
+    p.add_argument("--warmup", type=int, default=3, help="decode steps before timing (the first compiles)")
+    p.add_argument("--reps", type=int, default=10, help="timed repetitions of each expert matmul (best)")
+    p.add_argument("--skip-matmul", action="store_true", help="no expert-matmul timings")
+    p.add_argument("--variants", default="words,kernel64,kernel32,kernel64x1",
+                   help="packed few-rows matmuls to time (of: " + ", ".join(GATHERED) + ")")
+    p.add_argument("--looped", action="store_true", help="also time the looped packed matmul at decode shapes")
+    p.add_argument("--gathered", choices=["auto", "default", *GATHERED], default="default",
+                   help="the packed few-rows matmul the model uses (default: the library's choice; auto: the "
+                        "fastest at the first batch size in the timings)")
+    p.add_argument("--no-prefill", dest="prefill", action="store_false",
+                   help="decode from a cache of random keys/values instead of a timed prefill (no prefill compile)")
+    p.add_argument("--hlo-dir", type=Path, default=None, help="write compiled HLO of the decode step here")
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = p.parse_args()
+
+    cfg = ModelConfig.from_file(preset_path(args.model))
+    dtype, packed_experts = jnp.dtype(args.dtype), args.experts == "packed"
+    batches = [int(b) for b in args.batches.split(",")]
+    dev = jax.devices()[0]
+    print(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}; model {args.model}, "
+          f"experts {args.experts}, other weights and cache {args.dtype}", flush=True)
+    bandwidth = read_bandwidth()
+    print(f"streaming read: {bandwidth / 1e9:.0f} GB/s", flush=True)
+    result = {"device": dev.device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
+              "model": args.model, "experts": args.experts, "dtype": args.dtype, "read_bandwidth": bandwidth}
+    if not args.skip_matmul:
+        result["expert_matmul"] = timed = expert_matmuls(cfg, dtype, packed_experts, batches, bandwidth, args.reps,
+                                                         args.looped, args.hlo_dir, args.variants.split(","))
+        gc.collect()  # its weights
+        if packed_experts and args.gathered == "auto":
+            best = min((r for r in timed if r["batch"] == batches[0] and r["impl"].startswith("gathered-")),
+                       key=lambda r: r["seconds"])
+            args.gathered = best["impl"].removeprefix("gathered-")
+    if packed_experts and args.gathered not in ("auto", "default"):
+        packed.gathered_matmul = GATHERED[args.gathered]  # what packed.grouped_matmul calls on accelerators
+        result["gathered"] = args.gathered
+        print(f"model's packed gathered matmul: {args.gathered}", flush=True)
+
+    t0 = time.perf_counter()
+    model = random_model(cfg, dtype, packed_experts)
+    weights = sum(leaf.nbytes for leaf in jax.tree.leaves(nnx.state(model)))
+    jax.block_until_ready(nnx.state(model))
+    result.update(weights_bytes=weights, build_s=time.perf_counter() - t0, memory_after_build=device_memory())
+    print(f"weights on device: {weights / GiB:.2f} GiB (drawn in {result['build_s']:.1f} s); "
+          f"allocator {result['memory_after_build']}", flush=True)
+
+    runs = []
+    for batch in batches:
+        r = run_batch(model, cfg, batch, args, dtype)
+        need = step_bytes(cfg, packed_experts, dtype.itemsize, batch, r["mid_position"], dtype.itemsize)
+        r.update(step_bytes=need, bound_tok_s=batch * bandwidth / need,
+                 fraction_of_bound=r["decode_tok_s"] / (batch * bandwidth / need), memory=device_memory())
+        runs.append(r)
+        print(f"batch {batch}: prefill {r['prefill_tok_s']:8.0f} tok/s (first call {r['prefill_first_s']:.1f} s); "
+              f"decode {r['decode_tok_s']:8.1f} tok/s ({r['decode_step_s'] * 1e3:.2f} ms/step; bound "
+              f"{r['bound_tok_s']:.1f} tok/s from {need / 2**20:.0f} MiB/step -> {r['fraction_of_bound']:.2f} of "
+              f"it); cache {r['cache_bytes'] / GiB:.2f} GiB; peak in use "
+              f"{r['memory'].get('peak_bytes_in_use', 0) / GiB:.2f} GiB", flush=True)
+    result["runs"] = runs
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
