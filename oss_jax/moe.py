@@ -52,7 +52,7 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> ja
     work and an [E, A, D] buffer): there, `tiled_grouped_matmul`, with a tiled VJP (gradients of lhs and rhs). On
     accelerators with at most E rows (decode), `gathered_matmul`.
     """
-    if jax.default_backend() == "cpu":
+    if packed.on_cpu():
         return _tiled_grouped_matmul(lhs, rhs, group_sizes)
     if lhs.shape[0] <= rhs.shape[0]:
         return gathered_matmul(lhs, rhs, group_sizes)

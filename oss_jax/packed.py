@@ -127,6 +127,11 @@ def row_tile(a: int, num_experts: int, most: int = 64) -> int:
     return min(most, 1 << (-(-a // num_experts) - 1).bit_length())
 
 
+def on_cpu() -> bool:
+    """Whether the expert matmuls take their CPU forms (read while tracing; tests force the accelerators' forms)."""
+    return jax.default_backend() == "cpu"
+
+
 def grouped_matmul(lhs: jax.Array, w: MXFP4, group_sizes: jax.Array, dtype: jnp.dtype,
                    tensor_axis: str | None = None) -> jax.Array:
     """lhs [A, in] (rows grouped by expert, sizes [E]) x packed w [E, in, out] -> [A, out] float32; rows past the
@@ -141,7 +146,7 @@ def grouped_matmul(lhs: jax.Array, w: MXFP4, group_sizes: jax.Array, dtype: jnp.
     if x.shape[1] != width:
         offset = jax.lax.axis_index(tensor_axis) * x.shape[1]
         x = jax.lax.dynamic_update_slice_in_dim(jnp.zeros((x.shape[0], width), dtype), x, offset, 1)
-    if jax.default_backend() != "cpu" and x.shape[0] <= e:
+    if not on_cpu() and x.shape[0] <= e:
         return gathered_matmul(x, w, group_sizes)
     return looped_matmul(x, w, group_sizes, dtype)
 
@@ -231,7 +236,7 @@ def looped_matmul(x: jax.Array, w: MXFP4, group_sizes: jax.Array, dtype: jnp.dty
     expert (one decode per expert, where each loop step costs kernel launches) and tiles go up to 256 rows.
     """
     e, width, n = w.shape
-    cpu = jax.default_backend() == "cpu"
+    cpu = on_cpu()
     a = x.shape[0]
     tile, rows = row_tile(a, e, 64 if cpu else 256), n // _slices(n) if cpu else n
     even, odd = (jnp.pad(h, ((0, tile), (0, 0))) for h in split_columns(x))
