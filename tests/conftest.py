@@ -22,3 +22,12 @@ def tiny_config():
     from oss_jax.config import ModelConfig
 
     return ModelConfig.from_file(preset_path("tiny"))
+
+
+@pytest.fixture(scope="session")
+def two_layer_config(tiny_config):
+    """The tiny preset cut to its first two layers, one sliding and one full: for the properties that need both kinds
+    of layer but not a third (about 2/3 of the tiny model's XLA compile time, which grows with the layer count)."""
+    import dataclasses
+
+    return dataclasses.replace(tiny_config, num_hidden_layers=2, layer_types=tiny_config.layer_types[:2])

@@ -1,7 +1,6 @@
 """Streaming conversion to Orbax, sharded restore, export back to HF: exactness, atomicity, clear errors."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -128,7 +127,7 @@ def test_sharded_restore_is_identical_on_1_2_4_8_devices(converted):
 
 
 def test_sharded_model_matches_unsharded(converted):
-    tokens = np.random.default_rng(1).integers(0, 201088, (2, 11))
+    tokens = np.random.default_rng(1).integers(0, 201088, (2, 13))  # the shape above: one unsharded compile
     want = np.asarray(forward(checkpoint.load(converted), tokens))
     model = checkpoint.load(converted, mesh=make_mesh({"expert": 4, "tensor": 2}))
     assert len(model.layers[0].moe.mlp1_kernel[...].sharding.device_set) == 8
@@ -250,34 +249,46 @@ def test_not_enough_disk_space(src, tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.fixture(scope="module")
-def big_src(tiny_config, tmp_path_factory):
-    """A checkpoint that takes a few seconds to convert, so a run can be interrupted in the middle."""
-    import dataclasses
+PAUSED_CLI = Path(__file__).with_name("paused_cli.py")
 
-    cfg = dataclasses.replace(tiny_config, num_hidden_layers=8, hidden_size=256, intermediate_size=512,
-                              layer_types=tiny_config.layer_types[:2] * 4)
-    return make_checkpoint(cfg, tmp_path_factory.mktemp("big") / "hf", seed=1)
+
+def _wait_for(marker: Path, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+    """Until the paused command wrote `marker`; fails at once if it exited first (a hang guard, not a timing)."""
+    deadline = time.monotonic() + timeout
+    while not marker.exists():
+        if proc.poll() is not None:
+            pytest.fail(f"exited with {proc.returncode} before reaching its pause point:\n{log.read_text()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"did not reach its pause point in {timeout} s:\n{log.read_text()}")
+        time.sleep(0.05)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM])
-def test_interrupted_conversion_leaves_no_destination(big_src, tmp_path, sig):
-    dst = tmp_path / "out"
-    partial = tmp_path / ".out.partial"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "convert", str(big_src), str(dst), "--quiet"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while not (partial / "params.partial_save").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    assert proc.poll() is None, "conversion finished before it could be interrupted"
-    proc.send_signal(sig)
-    proc.wait(timeout=120)
+def test_interrupted_conversion_leaves_no_destination(src, converted, tmp_path, sig):
+    """Interrupted with its first partial save on disk and not finalized: the command pauses there (tests/paused_cli.py)
+    until the signal, so the signal cannot arrive after the conversion already finished."""
+    dst, partial, marker, log = tmp_path / "out", tmp_path / ".out.partial", tmp_path / "paused", tmp_path / "log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, str(PAUSED_CLI), str(marker), "save", "convert", str(src["hf"]),
+                                 str(dst), "--quiet"], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        _wait_for(marker, proc, log)
+        assert (partial / "params.partial_save").is_dir() and not dst.exists()
+        proc.send_signal(sig)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     assert not dst.exists()
-    if sig != signal.SIGKILL:  # Ctrl-C or kill: unwinds and cleans up
+    if sig == signal.SIGKILL:  # no chance to clean up: the partial directory stays behind
+        assert partial.is_dir()
+    else:  # Ctrl-C or kill: unwinds and cleans up
         assert proc.returncode == 130 and not partial.exists()
+        assert "interrupted; nothing was left half-written" in log.read_text()
     # re-running succeeds (and clears what a kill -9 left behind)
-    assert cli.main(["convert", str(big_src), str(dst), "--quiet"]) == 0
+    assert cli.main(["convert", str(src["hf"]), str(dst), "--quiet"]) == 0
     assert not partial.exists()
-    assert checkpoint.stored_metadata(dst)["layers.7.moe.mlp2_kernel.blocks"][0] == (12, 256, 16, 16)
+    assert checkpoint.stored_metadata(dst) == checkpoint.stored_metadata(converted)
     jax.clear_caches()

@@ -19,8 +19,9 @@ NEW = 64
 
 
 @pytest.fixture(scope="module")
-def ckpt(tiny_config, tmp_path_factory):
-    return make_checkpoint(tiny_config, tmp_path_factory.mktemp("gen") / "hf", seed=4)
+def ckpt(two_layer_config, tmp_path_factory):
+    """Two layers (sliding: a ring-buffer cache, full: a growing one) with the real vocabulary and tokenizer."""
+    return make_checkpoint(two_layer_config, tmp_path_factory.mktemp("gen") / "hf", seed=4)
 
 
 @pytest.fixture(scope="module")
@@ -62,15 +63,19 @@ def test_batched_equals_one_by_one(model, prompts, greedy):
 
 
 def test_chunked_prefill_equals_one_chunk(model, prompts, greedy):
-    assert generate(model, prompts, max_new_tokens=16, stop_tokens=(), chunk=4) == [g[:16] for g in greedy]
+    # all NEW tokens: the cache length is then greedy's, whose compiled decode step this run reuses
+    assert generate(model, prompts, max_new_tokens=NEW, stop_tokens=(), chunk=4) == greedy
 
 
 def test_cached_decode_logits_equal_full_recompute(model, prompts, greedy):
+    """The prompt padded to its bucket and the cache length `generate` picks: the compiled steps are those of
+    test_batched_equals_one_by_one."""
     cfg = model.cfg
     prompt, new = prompts[0], greedy[0][:12]
-    caches = init_cache(cfg, 1, 64)
-    pos = jnp.arange(len(prompt), dtype=jnp.int32)[None]
-    logits, caches = prefill_step(model, jnp.asarray([prompt]), pos, caches)
+    caches = init_cache(cfg, 1, 128)
+    pos = jnp.arange(32, dtype=jnp.int32)[None]
+    pos = jnp.where(pos < len(prompt), pos, -1)  # -1: padding
+    logits, caches = prefill_step(model, jnp.asarray([prompt + [0] * (32 - len(prompt))]), pos, caches)
     steps = [logits[0]]
     for i, t in enumerate(new[:-1]):
         logits, caches = decode_step(model, jnp.asarray([t]), jnp.asarray([len(prompt) + i]), caches)
@@ -132,7 +137,6 @@ def test_generate_cli_json(ckpt, capsys):
                     "--json"])
     out = json.loads(capsys.readouterr().out)
     assert raw == 0 and out[0]["prompt_tokens"] == 2 and len(out[0]["tokens"]) == 3
-    jax.clear_caches()
 
 
 def test_stop_strings_end_a_prompt(ckpt, capsys):
@@ -141,11 +145,13 @@ def test_stop_strings_end_a_prompt(ckpt, capsys):
     args = ["generate", "--ckpt", str(ckpt), "--prompt", "Hello there", "--raw", "--max-new-tokens", "8", "--json"]
     assert cli.main(args) == 0
     full = json.loads(capsys.readouterr().out)[0]["tokens"]
-    stop = load_tokenizer(ckpt).decode([full[2]], skip_special_tokens=False)
+    tok = load_tokenizer(ckpt)  # read once (a 28 MB tokenizer.json: over a second per read)
+    stop = tok.decode([full[2]], skip_special_tokens=False)
     assert cli.main(args + ["--stop", stop]) == 0
     cut = json.loads(capsys.readouterr().out)[0]["tokens"]
-    first = next(i for i, t in enumerate(full) if stop in load_tokenizer(ckpt).decode(full[: i + 1]))
+    first = next(i for i, t in enumerate(full) if stop in tok.decode(full[: i + 1]))
     assert cut == full[: first + 1]
+    jax.clear_caches()  # after both CLI tests: the second reuses the first one's compiled steps
 
 
 def test_chat_cli_keeps_the_conversation_and_exits(ckpt):

@@ -32,10 +32,11 @@ MESHES = {
 
 
 @pytest.fixture(scope="module")
-def converted(tiny_config, tmp_path_factory):
+def converted(two_layer_config, tmp_path_factory):
     root = tmp_path_factory.mktemp("multihost")
-    # the original/ layout: the HF one would also build a ~28 MB tokenizer.json (seconds) that nothing here reads
-    src = make_checkpoint(tiny_config, root / "src", layout="original", seed=5)
+    # the original/ layout: the HF one would also build a ~28 MB tokenizer.json (seconds) that nothing here reads;
+    # two layers (one sliding, one full): a third adds compile time in each process, not coverage
+    src = make_checkpoint(two_layer_config, root / "src", layout="original", seed=5)
     convert_checkpoint(src, root / "orbax", progress=False)
     return root / "orbax"
 

@@ -17,9 +17,10 @@ MESHES = [{"expert": 8}, {"data": 2, "expert": 4}, {"data": 2, "expert": 2, "ten
 
 
 @pytest.fixture(scope="module")
-def cfg(tiny_config):
-    # 24 experts so that 8-, 4- and 2-way expert axes all divide, and no two dimensions share a size
-    return dataclasses.replace(tiny_config, num_experts=24)
+def cfg(two_layer_config):
+    # 24 experts so that 8-, 4- and 2-way expert axes all divide, and no two dimensions share a size; two layers
+    # (one sliding, one full): a third would add compile time to every sharded forward, not coverage
+    return dataclasses.replace(two_layer_config, num_experts=24)
 
 
 @pytest.fixture(scope="module")
@@ -67,12 +68,18 @@ def _moe_inputs(cfg, params, layer=1, n=40, seed=0):
     return x, [jnp.asarray(params[p + n], jnp.float32) for n in names]
 
 
+@pytest.fixture(scope="module")
+def moe_reference(cfg, params):
+    """One MoE layer's inputs and its output with all experts local (computed once for every mesh)."""
+    x, w = _moe_inputs(cfg, params)
+    return x, w, jax.jit(lambda x, *w: moe_local(x, *w, cfg=cfg, dtype=jnp.float32))(x, *w)
+
+
 @pytest.mark.parametrize("shape", MESHES + [{"expert": 2, "tensor": 2, "fsdp": 2}],
                          ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
-def test_moe_layer_sharded_equals_local(cfg, params, shape):
+def test_moe_layer_sharded_equals_local(cfg, moe_reference, shape):
     """One MoE layer (where no depth amplifies rounding): expert-parallel == all experts local, to 1e-5."""
-    x, w = _moe_inputs(cfg, params)
-    want = jax.jit(lambda x, *w: moe_local(x, *w, cfg=cfg, dtype=jnp.float32))(x, *w)
+    x, w, want = moe_reference
     mesh = make_mesh(shape)
     with jax.set_mesh(mesh):
         got = jax.jit(lambda x, *w: moe_expert_parallel(x, *w, cfg=cfg, dtype=jnp.float32, mesh=mesh))(x, *w)

@@ -1,0 +1,69 @@
+"""The `oss-jax` CLI, paused at a known point until a signal arrives (run by the tests that interrupt a command, so
+that they interrupt it there, not after a guessed delay that a loaded machine turns into a race).
+
+    python tests/paused_cli.py MARKER POINT oss-jax-arguments...
+
+POINT is `save` (a conversion's first Orbax partial save is on disk, not finalized) or `step=N` (a training run has
+logged step N). There the command writes MARKER and sleeps; the test then sends SIGINT, SIGTERM or SIGKILL. All else
+is the real command: `oss_jax.cli.main` in the main thread, with its own signal handlers and clean-up.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository (convert/ is not on the path here)
+PAUSE_S = 600  # never interrupted: the command then runs on to the end, which the test's own checks reject
+
+
+def pause(marker: Path) -> None:
+    marker.write_text("paused\n")
+    time.sleep(PAUSE_S)
+
+
+def pause_after_first_save(marker: Path) -> None:
+    """Pause once the converter has waited out its first partial save (the data is on disk, not yet finalized)."""
+    from convert import streaming
+
+    wait = streaming._GroupSaver._wait
+
+    def paused_wait(self) -> None:
+        saving = self.pending is not None
+        wait(self)
+        if saving and not marker.exists():
+            pause(marker)
+
+    streaming._GroupSaver._wait = paused_wait
+
+
+def pause_after_step(marker: Path, step: int) -> None:
+    """Pause a training run right after it logged `step` (through fit's own on_step hook)."""
+    from oss_jax import finetune
+
+    fit = finetune.fit
+
+    def paused_fit(*args, **kwargs):
+        def on_step(metrics: dict) -> None:
+            if metrics["step"] == step:
+                pause(marker)
+
+        return fit(*args, on_step=on_step, **kwargs)
+
+    finetune.fit = paused_fit
+
+
+def main() -> int:
+    marker, point, argv = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
+    if point == "save":
+        pause_after_first_save(marker)
+    else:
+        pause_after_step(marker, int(point.removeprefix("step=")))
+    from oss_jax.cli import main as cli_main
+
+    return cli_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
