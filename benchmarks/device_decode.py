@@ -41,6 +41,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from benchmarks.bounds import min_bytes, sizes  # noqa: E402
 from configs import preset_path  # noqa: E402
 from oss_jax import moe, mxfp4, packed  # noqa: E402
 from oss_jax.cache import cache_bytes, init_cache  # noqa: E402
@@ -120,26 +121,17 @@ def expected_distinct(e: int, k: int, batch: int) -> float:
 
 def expert_bytes(cfg: ModelConfig, packed_experts: bool, itemsize: int) -> float:
     """Bytes of one expert's mlp1 + mlp2 kernels as stored, plus its biases (float32)."""
-    d, f = cfg.hidden_size, cfg.intermediate_size
-    weights = 3 * d * f  # mlp1 D x 2F + mlp2 F x D
-    stored = weights * (mxfp4.BYTES_PER_GROUP + 1) / mxfp4.GROUP if packed_experts else weights * itemsize
-    return stored + (2 * f + d) * 4
+    s = sizes(cfg)
+    per_weight = (mxfp4.BYTES_PER_GROUP + 1) / mxfp4.GROUP if packed_experts else itemsize
+    return s["expert"] * per_weight + s["expert_b"] * 4
 
 
 def step_bytes(cfg: ModelConfig, packed_experts: bool, itemsize: int, batch: int, position: int,
                cache_itemsize: int) -> float:
     """Bytes one decode step must read: see the module docstring."""
-    d, n, kv, h, e = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
-                      cfg.num_experts)
-    attention = (d * n * h + 2 * d * kv * h + n * h * d) * itemsize + ((n + 2 * kv) * h + d + n) * 4
-    router = d * e * itemsize + e * 4
-    experts = expected_distinct(e, cfg.experts_per_token, batch) * expert_bytes(cfg, packed_experts, itemsize)
-    total = 0.0
-    for layer in range(cfg.num_hidden_layers):
-        window = cfg.window(layer)
-        visible = position + 1 if window is None else min(window, position + 1)
-        total += attention + router + experts + 2 * d * 4 + batch * 2 * visible * kv * h * cache_itemsize
-    return total + cfg.vocab_size * d * itemsize + batch * d * itemsize + d * 4
+    distinct = [expected_distinct(cfg.num_experts, cfg.experts_per_token, batch)] * cfg.num_hidden_layers
+    return min_bytes(cfg, itemsize, distinct, batch, [position] * batch,
+                     expert_bytes=expert_bytes(cfg, packed_experts, itemsize), cache_itemsize=cache_itemsize)
 
 
 # ------------------------------------------------------------------ the expert matmul alone
@@ -227,7 +219,7 @@ def expert_matmuls(cfg: ModelConfig, dtype, packed_experts: bool, batches: list[
         x1 = jax.random.normal(key, (a, d), jnp.float32).astype(dtype)
         x2 = jax.random.normal(key, (a, f), jnp.float32).astype(dtype)
         distinct = int(np.count_nonzero(np.asarray(sizes)))
-        need = distinct * (expert_bytes(cfg, packed_experts, jnp.dtype(dtype).itemsize) - (2 * f + d) * 4)
+        need = distinct * (expert_bytes(cfg, packed_experts, jnp.dtype(dtype).itemsize) - sizes(cfg)["expert_b"] * 4)
         for name, impl in impls.items():
             step = jax.jit(lambda x1, x2, g, w1, w2, impl=impl: (impl(x1, w1, g), impl(x2, w2, g)))
             seconds = best_time(lambda step=step, x1=x1, x2=x2, sizes=sizes: step(x1, x2, sizes, w1, w2), reps)

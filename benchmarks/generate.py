@@ -54,12 +54,13 @@ from pathlib import Path
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # `python benchmarks/generate.py` puts this folder first on sys.path, where benchmarks/convert.py would shadow the
-# `convert` package
+# `convert` package: the repository root instead
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import numpy as np  # noqa: E402
 
+from benchmarks.bounds import min_bytes, min_flops, sizes  # noqa: E402
 from configs import preset_path  # noqa: E402
 from oss_jax.config import FULL, SLIDING, ModelConfig  # noqa: E402
 
@@ -349,41 +350,6 @@ def worker_hf(args) -> dict:
 
 
 # ------------------------------------------------------------------ theory
-
-
-def sizes(cfg: ModelConfig) -> dict[str, int]:
-    """Parameter counts (elements) of one layer's parts and of the vocabulary matrices."""
-    d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    e, f = cfg.num_experts, cfg.intermediate_size
-    return {"attn": d * n * h + 2 * d * k * h + n * h * d, "attn_small": n * h + 2 * k * h + d + n,
-            "router": d * e, "router_b": e, "expert": d * 2 * f + f * d, "expert_b": 2 * f + d, "norms": 2 * d,
-            "vocab": cfg.vocab_size * d}
-
-
-def visible_keys(cfg: ModelConfig, layer: int, position: int) -> int:
-    w = cfg.window(layer)
-    return position + 1 if w is None else min(position + 1, w)
-
-
-def min_flops(cfg: ModelConfig, positions: list[int], logits_rows: int) -> float:
-    """Minimum FLOPs for len(positions) tokens (active weights + causal attention scores), unembedding for
-    `logits_rows` of them; total, not per token."""
-    s = sizes(cfg)
-    per_token = 2 * cfg.num_hidden_layers * (s["attn"] + s["router"] + cfg.experts_per_token * s["expert"])
-    attn = sum(4 * cfg.num_attention_heads * cfg.head_dim * visible_keys(cfg, layer, p)
-               for layer in range(cfg.num_hidden_layers) for p in positions)
-    return per_token * len(positions) + attn + 2 * s["vocab"] * logits_rows
-
-
-def min_bytes(cfg: ModelConfig, itemsize: int, distinct: list[int], rows: int, positions: list[int]) -> float:
-    """Minimum bytes read by one step of `rows` tokens: every shared weight once, the `distinct[l]` routed experts of
-    each layer once, `rows` embedding rows, the KV cache keys each token sees (float32)."""
-    s, d = sizes(cfg), cfg.hidden_size
-    kv = sum(2 * visible_keys(cfg, layer, p) * cfg.num_key_value_heads * cfg.head_dim * 4
-             for layer in range(cfg.num_hidden_layers) for p in positions)
-    layers = sum((s["attn"] + s["router"]) * itemsize + (s["attn_small"] + s["router_b"] + s["norms"]) * 4
-                 + n * (s["expert"] * itemsize + s["expert_b"] * 4) for n in distinct)
-    return layers + s["vocab"] * itemsize + rows * d * itemsize + d * 4 + kv
 
 
 def loop_flops_bytes(cfg: ModelConfig, routing: np.ndarray, counted: dict
