@@ -434,6 +434,24 @@ def test_attend_fully_masked_query_gives_zeros():
     np.testing.assert_array_equal(out[0, 1], 0.0)
 
 
+@pytest.mark.parametrize("accelerator_form", [False, True])
+def test_rows_dot_transposed_any_row_count(monkeypatch, accelerator_form):
+    """x [X, D] . w [V, D] for 1-9 rows (CPU: one product per row up to 4, padded to 8 up to 7) == float64 numpy."""
+    from oss_jax import packed
+    from oss_jax.model import rows_dot_transposed
+
+    if accelerator_form:
+        monkeypatch.setattr(packed, "on_cpu", lambda: False)
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((1000, 96)).astype(np.float32)
+    for rows in range(1, 10):
+        x = rng.standard_normal((rows, 96)).astype(np.float32)
+        got = np.asarray(jax.jit(rows_dot_transposed)(x, w))
+        err = float(np.max(np.abs(got - x.astype(np.float64) @ w.T.astype(np.float64))))
+        print(f"rows {rows}: max |err| {err:.1e}")
+        assert got.shape == (rows, 1000) and err < 1e-4
+
+
 def test_attend_with_mask_matches_reference_sdpa(tiny_config):
     """Self-attention through `attention_mask` + `attend` == gpt_oss.torch sdpa (sliding and full)."""
     from gpt_oss.torch.model import sdpa
