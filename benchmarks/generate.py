@@ -6,7 +6,7 @@ reused with --workdir) and measures, each in its own subprocess so that only one
   bandwidth   streaming-read GB/s: a jitted JAX sum and a numpy sum over a 2 GiB float32 array, and a JAX GEMV
               [1, D] x [V', D] over the same 2 GiB (the best of the three is the bound used below)
   ours fp32   `oss_jax.generate.prefill_step` (one chunk of --prefill tokens, batch 1, logits of the last position)
-              and `decode_step` (batch 1 and 8, one token per row after a --context-token prompt), plus XLA's cost
+              and `decode_step` (batch 1, 2 and 8, one token per row after a --context-token prompt), plus XLA's cost
               analysis of both steps compiled
   HF fp32     transformers GptOssForCausalLM (eager attention, MXFP4 dequantized while loading, experts
   HF bf16     implementation --hf-experts), torch threads = cores; prefill with logits_to_keep=1 (like ours), decode
@@ -549,7 +549,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help="timed decode steps, median (default 16, 20b slice 8)")
     p.add_argument("--warmup", type=int, default=2, help="decode steps before timing (the first compiles)")
     p.add_argument("--reps", type=int, default=3, help="timed prefill runs (median) after one warm-up")
-    p.add_argument("--batches", default="1,8", help="decode batch sizes")
+    p.add_argument("--batches", default="1,2,8", help="decode batch sizes (2: the rows XLA:CPU once ran 20x slower)")
     p.add_argument("--hf-experts", default="eager",
                    help="HF experts_implementation: 'eager' (a loop over the routed experts; default), 'grouped_mm' "
                         "(transformers' default, which on CPU falls back to a slow reference GEMM in bf16), "
