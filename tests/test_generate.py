@@ -67,6 +67,33 @@ def test_chunked_prefill_equals_one_chunk(model, prompts, greedy):
     assert generate(model, prompts, max_new_tokens=NEW, stop_tokens=(), chunk=4) == greedy
 
 
+def test_prefill_against_the_cache_in_key_blocks(model, prompts, greedy, monkeypatch):
+    """A full layer's prompt chunk scores its cache 16 keys at a time (`layers.KEY_BLOCK`, 1024 by default: a long
+    context's width): the same logits as all 128 slots at once, and the same greedy tokens."""
+    from oss_jax import layers
+
+    tokens = np.zeros((len(prompts), 32), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = p
+    pos = np.where(np.arange(32) < np.array([len(p) for p in prompts])[:, None], np.arange(32), -1).astype(np.int32)
+
+    def prefill_logits():
+        jax.clear_caches()  # KEY_BLOCK is read while tracing
+        return np.asarray(prefill_step(model, jnp.asarray(tokens), jnp.asarray(pos), init_cache(model.cfg, 3, 128))[0])
+
+    want = prefill_logits()
+    monkeypatch.setattr(layers, "KEY_BLOCK", 16)
+    try:
+        got = prefill_logits()
+        err = float(np.abs(got - want).max())
+        print(f"prefill, cache scored 16 keys at a time vs all 128: max |Δlogit| {err:.2e}")
+        assert err <= 1e-5
+        assert generate(model, prompts, max_new_tokens=NEW, stop_tokens=()) == greedy
+    finally:
+        monkeypatch.undo()
+        jax.clear_caches()
+
+
 def test_cached_decode_logits_equal_full_recompute(model, prompts, greedy):
     """The prompt padded to its bucket and the cache length `generate` picks: the compiled steps are those of
     test_batched_equals_one_by_one."""

@@ -434,6 +434,28 @@ def test_attend_fully_masked_query_gives_zeros():
     np.testing.assert_array_equal(out[0, 1], 0.0)
 
 
+@pytest.mark.parametrize("window", [None, 5])
+def test_attend_in_blocks_equals_numpy(window):
+    """Keys four blocks at a time with a running softmax == the one-pass float64 formula: empty slots (-1), a padded
+    query, a sliding window, queries that see only the sink in some blocks; scores 2 keys wide at a time."""
+    from oss_jax.layers import attend_in_blocks
+
+    rng = np.random.default_rng(7)
+    b, t, s, block = 2, 6, 8, 2
+    q, k, v = (rng.standard_normal(shape) for shape in ((b, t, K, G, H), (b, s, K, H), (b, s, K, H)))
+    sinks = rng.standard_normal((K, G))
+    k_pos = np.array([[0, 1, 2, 3, 4, 5, 6, 7], [0, 1, 2, 3, 4, -1, -1, -1]], np.int32)
+    q_pos = np.array([[2, 3, 4, 5, 6, 7], [0, 1, 2, 3, 4, -1]], np.int32)
+    mask = np.asarray(attention_mask(jnp.asarray(q_pos), jnp.asarray(k_pos), window))
+    f32 = jnp.float32
+    got = np.asarray(jax.jit(attend_in_blocks, static_argnums=(6, 7, 8))(
+        *(jnp.asarray(a, f32) for a in (q, k, v, sinks)), jnp.asarray(q_pos), jnp.asarray(k_pos), window, 0.3, block))
+    want = _numpy_attend(q, k, v, sinks, mask, 0.3)
+    err = float(np.max(np.abs(got - want)))
+    print(f"attend_in_blocks (window {window}) vs float64: max |err| {err:.1e}")
+    assert err < 1e-5
+
+
 @pytest.mark.parametrize("accelerator_form", [False, True])
 def test_rows_dot_transposed_any_row_count(monkeypatch, accelerator_form):
     """x [X, D] . w [V, D] for 1-9 rows (CPU: one product per row up to 4, padded to 8 up to 7) == float64 numpy."""
