@@ -116,38 +116,42 @@ KEY_BLOCK = 1024  # keys per step of `attend_in_blocks`: a prompt chunk's scores
 
 
 def attend_in_blocks(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array, q_pos: jax.Array,
-                     k_pos: jax.Array, window: int | None, scale: float, block: int) -> jax.Array:
+                     k_pos: jax.Array, window: int | None, scale: float, block: int, cached: bool = False
+                     ) -> jax.Array:
     """`attend` over S keys taken `block` at a time (S a multiple of it) with a running softmax: the same result,
     with [.., T, block] scores in memory instead of [.., T, S] (a 512-token chunk against a 128k-slot cache: 17 GB).
 
     q [B,T,K,G,H], k/v [B,S,K,H], sinks [K,G], q_pos [B,T], k_pos [B,S] (the mask comes from positions) ->
-    [B,T,K,G,H] float32.
+    [B,T,K,G,H] float32. `cached`: k/v are a full layer's cache (slot = position mod S), so a block that starts
+    past the last query position holds only later or empty positions and is skipped (a loop of traced length,
+    not reverse-differentiable); otherwise every block is scored (a scan).
     """
     b, s = k_pos.shape
-    n = s // block
     q_t = q.transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
-    k_blocks = k.reshape(b, n, block, *k.shape[2:]).transpose(1, 0, 3, 4, 2)  # [n, B, K, H, block]
-    v_blocks = v.reshape(b, n, block, *v.shape[2:]).transpose(1, 0, 3, 2, 4)  # [n, B, K, block, H]
-    pos_blocks = k_pos.reshape(b, n, block).transpose(1, 0, 2)  # [n, B, block]
     rows = q_t.shape[:-1] + (1,)
     # the running max starts at the sink logit, whose weight exp(sink - max) = 1 starts the denominator
     start = (jnp.broadcast_to(sinks.astype(jnp.float32)[None, :, :, None, None], rows), jnp.ones(rows, jnp.float32),
              jnp.zeros(q_t.shape, jnp.float32))
 
-    def step(carry, blk):
+    def step(i, carry):
         top, denominator, out = carry
-        k_blk, v_blk, pos_blk = blk
-        scores = jnp.einsum("BKGTH,BKHS->BKGTS", q_t, k_blk, preferred_element_type=jnp.float32) * scale
+        k_blk, v_blk, pos_blk = (jax.lax.dynamic_slice_in_dim(a, i * block, block, 1) for a in (k, v, k_pos))
+        scores = jnp.einsum("BKGTH,BKHS->BKGTS", q_t, k_blk.transpose(0, 2, 3, 1),
+                            preferred_element_type=jnp.float32) * scale
         scores = jnp.where(attention_mask(q_pos, pos_blk, window)[:, None, None], scores, -jnp.inf)
         new_top = jax.lax.stop_gradient(jnp.maximum(top, jnp.max(scores, axis=-1, keepdims=True)))
         rescale = jnp.exp(top - new_top)
         weights = jnp.exp(scores - new_top)
         denominator = denominator * rescale + jnp.sum(weights, axis=-1, keepdims=True)
-        out = out * rescale + jnp.einsum("BKGTS,BKSH->BKGTH", weights.astype(v.dtype), v_blk,
+        out = out * rescale + jnp.einsum("BKGTS,BKSH->BKGTH", weights.astype(v.dtype), v_blk.transpose(0, 2, 1, 3),
                                          preferred_element_type=jnp.float32)
-        return (new_top, denominator, out), None
+        return new_top, denominator, out
 
-    (_, denominator, out), _ = jax.lax.scan(step, start, (k_blocks, v_blocks, pos_blocks))
+    if cached:
+        blocks = jnp.minimum(jnp.max(q_pos) // block + 1, s // block)
+        _, denominator, out = jax.lax.fori_loop(0, blocks, step, start)
+    else:
+        (_, denominator, out), _ = jax.lax.scan(lambda c, i: (step(i, c), None), start, jnp.arange(s // block))
     return (out / denominator).transpose(0, 3, 1, 2, 4)
 
 
@@ -201,7 +205,7 @@ class Attention(nnx.Module):
         if t > 1 and s > KEY_BLOCK and s % KEY_BLOCK == 0 and segments is None:
             # a prompt chunk against a long cache: scores a block of keys at a time
             out = attend_in_blocks(q.astype(dt), keys.astype(dt), values.astype(dt), sinks, positions, k_pos,
-                                   self.window, scale, KEY_BLOCK)
+                                   self.window, scale, KEY_BLOCK, cached=cache is not None and self.window is None)
         else:
             mask = attention_mask(positions, k_pos, self.window, segments)
             out = attend(q.astype(dt), keys.astype(dt), values.astype(dt), sinks, mask, scale)
