@@ -189,7 +189,8 @@ class Attention(nnx.Module):
         b, t = q.shape[:2]
         q = q.reshape(b, t, cfg.num_key_value_heads, cfg.q_per_kv, cfg.head_dim)
         keys, values, k_pos = k, v, positions
-        if cache is not None and self.window is None:
+        full_cache = cache is not None and self.window is None
+        if full_cache:
             # a full layer's cache has a slot for every position: write first, then attend to the cache alone
             cache = cache.write(k, v, positions)
             keys, values, k_pos = cache.k.astype(k.dtype), cache.v.astype(v.dtype), cache.pos
@@ -205,7 +206,7 @@ class Attention(nnx.Module):
         if t > 1 and s > KEY_BLOCK and s % KEY_BLOCK == 0 and segments is None:
             # a prompt chunk against a long cache: scores a block of keys at a time
             out = attend_in_blocks(q.astype(dt), keys.astype(dt), values.astype(dt), sinks, positions, k_pos,
-                                   self.window, scale, KEY_BLOCK, cached=cache is not None and self.window is None)
+                                   self.window, scale, KEY_BLOCK, cached=full_cache)
         else:
             mask = attention_mask(positions, k_pos, self.window, segments)
             out = attend(q.astype(dt), keys.astype(dt), values.astype(dt), sinks, mask, scale)
