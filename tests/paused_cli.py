@@ -6,12 +6,17 @@ that they interrupt it there, not after a guessed delay that a loaded machine tu
 POINT is `save` (a conversion's first Orbax partial save is on disk, not finalized) or `step=N` (a training run has
 logged step N). There the command writes MARKER and sleeps; the test then sends SIGINT, SIGTERM or SIGKILL. All else
 is the real command: `oss_jax.cli.main` in the main thread, with its own signal handlers and clean-up.
+
+Tests start it with `paused_command`, which returns once the command is paused there.
 """
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository (convert/ is not on the path here)
@@ -52,6 +57,33 @@ def pause_after_step(marker: Path, step: int) -> None:
         return fit(*args, on_step=on_step, **kwargs)
 
     finetune.fit = paused_fit
+
+
+@contextlib.contextmanager
+def paused_command(workdir: Path, point: str, argv: list[str], env: dict | None = None,
+                   ready: Callable[[], bool] = lambda: True, timeout: float = 300
+                   ) -> Iterator[tuple[subprocess.Popen, Path]]:
+    """Run the CLI with `argv` paused at `point`; yield (the process, its output file) once it is paused there and
+    `ready()` holds. Fails at once if the command exits first; `timeout` is a hang guard, not a timing. A process
+    still running at exit is killed."""
+    marker, log = workdir / "paused", workdir / "log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, __file__, str(marker), point, *argv], env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + timeout
+        while not (marker.exists() and ready()):
+            if proc.poll() is not None:
+                raise AssertionError(f"exited with {proc.returncode} before its pause point ({point}):\n"
+                                     f"{log.read_text()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not paused at {point} after {timeout} s:\n{log.read_text()}")
+            time.sleep(0.05)
+        yield proc, log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def main() -> int:

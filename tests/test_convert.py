@@ -5,12 +5,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from paused_cli import paused_command
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
@@ -249,38 +249,15 @@ def test_not_enough_disk_space(src, tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "out").exists()
 
 
-PAUSED_CLI = Path(__file__).with_name("paused_cli.py")
-
-
-def _wait_for(marker: Path, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
-    """Until the paused command wrote `marker`; fails at once if it exited first (a hang guard, not a timing)."""
-    deadline = time.monotonic() + timeout
-    while not marker.exists():
-        if proc.poll() is not None:
-            pytest.fail(f"exited with {proc.returncode} before reaching its pause point:\n{log.read_text()}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"did not reach its pause point in {timeout} s:\n{log.read_text()}")
-        time.sleep(0.05)
-
-
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM])
 def test_interrupted_conversion_leaves_no_destination(src, converted, tmp_path, sig):
     """Interrupted with its first partial save on disk and not finalized: the command pauses there (tests/paused_cli.py)
     until the signal, so the signal cannot arrive after the conversion already finished."""
-    dst, partial, marker, log = tmp_path / "out", tmp_path / ".out.partial", tmp_path / "paused", tmp_path / "log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, str(PAUSED_CLI), str(marker), "save", "convert", str(src["hf"]),
-                                 str(dst), "--quiet"], stdout=out, stderr=subprocess.STDOUT)
-    try:
-        _wait_for(marker, proc, log)
+    dst, partial = tmp_path / "out", tmp_path / ".out.partial"
+    with paused_command(tmp_path, "save", ["convert", str(src["hf"]), str(dst), "--quiet"]) as (proc, log):
         assert (partial / "params.partial_save").is_dir() and not dst.exists()
         proc.send_signal(sig)
         proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert not dst.exists()
     if sig == signal.SIGKILL:  # no chance to clean up: the partial directory stays behind
         assert partial.is_dir()

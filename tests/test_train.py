@@ -10,13 +10,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from paused_cli import paused_command
 
 from convert import layouts
 from convert.reader import load_params
@@ -224,9 +223,6 @@ def test_lora_trains_adapters_only_and_merges(dense_hf):
 # ------------------------------------------------------------------ the CLI run: resume, bad data, export
 
 
-PAUSED_CLI = Path(__file__).with_name("paused_cli.py")
-
-
 def _text_data(path, n: int = 12) -> None:
     """n plain-text lines, then one line that is not JSON."""
     with open(path, "w") as f:
@@ -254,23 +250,12 @@ def test_kill_and_resume_is_bit_identical(converted, tmp_path):
     _text_data(data)
     # the killed run and the resumed one compile the same step: shared through a JAX compilation cache
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax-cache"))
-    run, marker, log = tmp_path / "run", tmp_path / "paused", tmp_path / "log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, str(PAUSED_CLI), str(marker), "step=4",
-                                 *_train_cmd(converted, data, run)[3:]], env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        saved = run / finetune.CHECKPOINTS / "2"  # Orbax renames the step's directory to this once complete
-        deadline = time.monotonic() + 300  # a hang guard, not a timing
-        while not (marker.exists() and saved.is_dir()) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert marker.exists() and saved.is_dir(), \
-            f"the run exited ({proc.poll()}) or hung before step 4 and its step-2 checkpoint:\n{log.read_text()}"
+    run = tmp_path / "run"
+    saved = run / finetune.CHECKPOINTS / "2"  # Orbax renames the step's directory to this once complete
+    with paused_command(tmp_path, "step=4", _train_cmd(converted, data, run)[3:], env=env, ready=saved.is_dir) \
+            as (proc, _):
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     uninterrupted = _losses(run)
     assert sorted(uninterrupted) == [1, 2, 3, 4] and not (run / finetune.FINAL).exists()
     assert sorted(p.name for p in (run / finetune.CHECKPOINTS).iterdir()) == ["2"]
