@@ -111,8 +111,13 @@ def header_messages(reasoning: str = "medium", developer: str | None = None,
 def render_conversation(messages: Sequence[dict[str, Any] | Message], reasoning: str = "medium",
                         developer: str | None = None, tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
     """Prompt ids: system + developer + `messages`, ending with `<|start|>assistant` for the model to complete."""
-    conversation = Conversation.from_messages(header_messages(reasoning, developer, tools) +
-                                              [to_message(m) for m in messages])
+    return completion_ids(Conversation.from_messages(header_messages(reasoning, developer, tools) +
+                                                     [to_message(m) for m in messages]))
+
+
+def completion_ids(conversation: Conversation) -> list[int]:
+    """Prompt ids of a whole harmony Conversation, ending with `<|start|>assistant` (earlier turns' analysis
+    dropped by harmony)."""
     return list(encoding().render_conversation_for_completion(conversation, Role.ASSISTANT))
 
 

@@ -288,19 +288,20 @@ def _stop_string_watcher(tok, n: int, stop_strings: list[str]):
     return watch
 
 
-def run_generate(model, ckpt: Path, prompts: list[str], *, raw: bool, reasoning: str, max_new_tokens: int,
+def run_generate(model, ckpt: Path, labels: list[str], chat_ids: list[list[int]] | None, *, max_new_tokens: int,
                  sampling, stream: bool = False, stop_strings: list[str] | None = None) -> list[dict]:
-    """Tokenize (harmony chat unless raw), generate, and decode; one dict per prompt."""
+    """Generate from harmony prompt ids (`chat_ids`, one per label), or from the labels as raw text when `chat_ids`
+    is None; decode, and parse chat completions into channels and tool calls. One dict per prompt."""
     from oss_jax import chat
     from oss_jax.generate import STOP_TOKENS, generate
     from oss_jax.tokenizer import load_tokenizer
 
     tok = load_tokenizer(ckpt)
-    ids = [tok.encode(p, add_special_tokens=False).ids if raw else
-           chat.render_conversation([{"role": "user", "content": p}], reasoning=reasoning) for p in prompts]
-    watch = _stop_string_watcher(tok, len(prompts), stop_strings) if stop_strings else None
+    raw = chat_ids is None
+    ids = [tok.encode(p, add_special_tokens=False).ids for p in labels] if raw else chat_ids
+    watch = _stop_string_watcher(tok, len(ids), stop_strings) if stop_strings else None
     on_token = watch
-    if stream and len(prompts) == 1:
+    if stream and len(ids) == 1:
         def on_token(new, done):
             if not done[0]:
                 print(tok.decode([int(new[0])], skip_special_tokens=False), end="", flush=True)
@@ -310,33 +311,99 @@ def run_generate(model, ckpt: Path, prompts: list[str], *, raw: bool, reasoning:
     if on_token is not None:
         print()
     results = []
-    for p, prompt_ids, new in zip(prompts, ids, outs, strict=True):
-        result = {"prompt": p, "prompt_tokens": len(prompt_ids), "tokens": new,
+    for label, prompt_ids, new in zip(labels, ids, outs, strict=True):
+        result = {"prompt": label, "prompt_tokens": len(prompt_ids), "tokens": new,
                   "text": tok.decode(new, skip_special_tokens=False)}
         if not raw:
             try:
-                result["final"] = chat.parse_completion(new)["final"]
+                parsed = chat.parse_completion(new)
+                result |= {k: parsed[k] for k in ("final", "analysis", "tool_calls", "messages")}
             except Exception as e:  # harmony refuses malformed completions (random weights produce them)
-                result["final"] = None
-                result["parse_error"] = str(e)
+                result |= {"final": None, "tool_calls": [], "parse_error": str(e)}
         results.append(result)
     return results
+
+
+def _json_file(path: Path) -> object:
+    """The JSON value in `path`; bad JSON -> ValueError naming the file and line."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+
+
+def _tools_file(path: Path | None) -> list[dict] | None:
+    """--tools FILE: a JSON list of function tools ({name, description, parameters} or OpenAI's {type: function,
+    function: {...}}), or an object holding one under "tools"; checked by building the developer message."""
+    if path is None:
+        return None
+    from oss_jax import chat
+
+    tools = _json_file(path)
+    tools = tools.get("tools") if isinstance(tools, dict) else tools
+    if not (isinstance(tools, list) and tools and all(isinstance(t, dict) for t in tools)):
+        raise ValueError(f"{path}: expected a non-empty JSON list of tool objects (or {{\"tools\": [...]}})")
+    try:
+        chat.header_messages(tools=tools)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path}: bad tool ({e!r}); a tool is {{\"name\", \"description\", \"parameters\"}}") \
+            from None
+    return tools
+
+
+def conversation_ids(record: dict, reasoning: str, source: str) -> list[int]:
+    """{"messages": [...], "tools": [...]} (the training data's format, `oss_jax.data`) -> prompt ids for the
+    assistant's next message; bad messages or tools -> ValueError naming `source`."""
+    from oss_jax import chat, data
+
+    try:
+        return chat.completion_ids(data.conversation(record, reasoning))
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
+def chat_requests(args: argparse.Namespace) -> tuple[list[str], list[list[int]] | None]:
+    """`generate`'s prompts as (labels, harmony prompt ids; None with --raw), checked before any model is loaded."""
+    if bool(args.prompt) == bool(args.conversation):
+        raise ValueError("give either --prompt TEXT or --conversation FILE (each repeatable for a batch)")
+    if args.raw:
+        if args.conversation or args.developer or args.tools:
+            raise ValueError("--raw feeds plain text: it takes no --conversation, --developer or --tools")
+        return args.prompt, None
+    if args.conversation:
+        if args.developer or args.tools:
+            raise ValueError("a --conversation file holds its own developer message and tools: no --developer/--tools")
+        records = []
+        for path in args.conversation:
+            record = _json_file(path)
+            record = {"messages": record} if isinstance(record, list) else record
+            if not isinstance(record, dict) or "messages" not in record:
+                raise ValueError(f"{path}: expected {{\"messages\": [...], \"tools\": [...]}} or a list of messages")
+            records.append((str(path), record))
+    else:
+        tools = _tools_file(args.tools)
+        developer = [{"role": "developer", "content": args.developer}] if args.developer else []
+        records = [(p, {"messages": developer + [{"role": "user", "content": p}], "tools": tools})
+                   for p in args.prompt]
+    return [label for label, _ in records], [conversation_ids(r, args.reasoning, label) for label, r in records]
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from oss_jax.generate import Sampling
 
+    labels, chat_ids = chat_requests(args)
     model = load_model(args.ckpt, args.mesh, args.dtype, args.experts)
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    results = run_generate(model, args.ckpt, args.prompt, raw=args.raw, reasoning=args.reasoning,
-                           max_new_tokens=args.max_new_tokens, sampling=sampling, stream=not args.json,
-                           stop_strings=args.stop)
+    results = run_generate(model, args.ckpt, labels, chat_ids, max_new_tokens=args.max_new_tokens,
+                           sampling=sampling, stream=not args.json, stop_strings=args.stop)
     if args.json:
         print(json.dumps(results))
     else:
         for r in results:
             if len(results) > 1:
                 print(f"--- {r['prompt']!r}\n{r['text']}")
+            for call in r.get("tool_calls", []):
+                print(f"tool call: {call['recipient']} {json.dumps(call['arguments'])}")
             if r.get("final") is not None:
                 print(f"final: {r['final']}")
     return 0
@@ -368,34 +435,64 @@ def _channel_printer(show_reasoning: bool):
     return on_token
 
 
-def cmd_chat(args: argparse.Namespace) -> int:
+def reply_messages(tokens: list[int]) -> list[dict]:
+    """A completion's messages as conversation dicts (analysis, tool calls, final); output harmony cannot parse
+    (random weights) -> one empty final message, so that the conversation stays well-formed."""
     from oss_jax import chat
+
+    try:
+        parsed = chat.parse_completion(tokens)["messages"]
+    except Exception:
+        parsed = []
+    return [{k: v for k, v in m.items() if v is not None} for m in parsed] or \
+        [{"role": "assistant", "channel": "final", "content": ""}]
+
+
+def chat_turn(messages: list[dict], complete, tool_result) -> None:
+    """One assistant turn, appended to `messages`: `complete(messages)` -> completion ids; after each tool call the
+    caller's `tool_result(call)` (a string: nothing is executed here) goes back to the model, which goes on."""
+    while True:
+        replies = reply_messages(complete(messages))
+        messages += replies
+        calls = [m for m in replies if m["role"] == "assistant" and m.get("recipient")]
+        if not calls:
+            return
+        messages += [{"role": "tool", "name": c["recipient"], "content": tool_result(c)} for c in calls]
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
     from oss_jax.generate import STOP_TOKENS, Sampling, generate
 
+    tools = _tools_file(args.tools)
+    header = [{"role": "developer", "content": args.system}] if args.system else []
     model = load_model(args.ckpt, args.mesh, args.dtype, args.experts)
     sampling = Sampling(temperature=args.temperature, seed=args.seed)
-    messages: list[dict] = []
-    print("chat with the model: an empty line does nothing, /exit (or Ctrl-D) leaves; tools are not executed")
-    while True:
-        try:
-            line = input("\nyou> ").strip()
-        except EOFError:
-            break
-        if line in ("/exit", "/quit"):
-            break
-        if not line:
-            continue
-        messages.append({"role": "user", "content": line})
-        ids = chat.render_conversation(messages, reasoning=args.reasoning, developer=args.system)
+
+    def complete(messages: list[dict]) -> list[int]:
+        ids = conversation_ids({"messages": header + messages, "tools": tools}, args.reasoning, "the conversation")
         print("assistant>", end="", flush=True)
         new = generate(model, [ids], max_new_tokens=args.max_new_tokens, sampling=sampling, stop_tokens=STOP_TOKENS,
                        on_token=_channel_printer(args.show_reasoning))[0]
         print()
-        try:
-            final = chat.parse_completion(new)["final"] or ""
-        except Exception:
-            final = ""
-        messages.append({"role": "assistant", "channel": "final", "content": final})
+        return new
+
+    def tool_result(call: dict) -> str:
+        print(f"[tool call] {call['recipient']} {call['content']}")
+        return input(f"{call['recipient']} result> ")
+
+    messages: list[dict] = []
+    print("chat with the model: an empty line does nothing, /exit (or Ctrl-D) leaves; tools are not executed: "
+          "you type each tool call's result")
+    try:
+        while True:
+            line = input("\nyou> ").strip()
+            if line in ("/exit", "/quit"):
+                break
+            if line:
+                messages.append({"role": "user", "content": line})
+                chat_turn(messages, complete, tool_result)
+    except EOFError:
+        pass
     return 0
 
 
@@ -450,8 +547,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     prompt = "What is the capital of France?"
     print(f"[4/4] harmony chat, reasoning low, greedy, 24 new tokens, for: {prompt!r}")
     print("      (random weights, so the answer is gibberish; the pipeline is the real one)")
-    r = run_generate(model, out / "orbax", [prompt], raw=False, reasoning="low", max_new_tokens=24,
-                     sampling=Sampling())[0]
+    ids = conversation_ids({"messages": [{"role": "user", "content": prompt}]}, "low", "the demo prompt")
+    r = run_generate(model, out / "orbax", [prompt], [ids], max_new_tokens=24, sampling=Sampling())[0]
     print(f"      prompt: {r['prompt_tokens']} tokens; generated ids: {r['tokens']}")
     print(f"      text: {r['text']!r}")
     print("\nWith a real checkpoint (downloaded elsewhere, e.g. `huggingface-cli download openai/gpt-oss-20b`):")
@@ -519,7 +616,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate from a checkpoint (harmony chat, or --raw text)")
     g.add_argument("--ckpt", type=Path, required=True, help="converted (Orbax) or safetensors checkpoint directory")
-    g.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
+    g.add_argument("--prompt", action="append", help="a user message (repeat for a batch)")
+    g.add_argument("--conversation", action="append", type=Path,
+                   help='instead of --prompt: a JSON file {"messages": [...], "tools": [...]} (the format of '
+                        "`oss-jax train` data) whose next assistant message is generated; repeat for a batch")
+    g.add_argument("--developer", help="developer instructions (with --prompt)")
+    g.add_argument("--tools", type=Path, help="JSON file: a list of function tools the model may call (with --prompt)")
     g.add_argument("--reasoning", choices=("low", "medium", "high"), default="medium")
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -530,7 +632,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     g.add_argument("--experts", choices=EXPERTS, default=None, help=EXPERTS_HELP)
     g.add_argument("--raw", action="store_true", help="feed the prompt as plain text, no chat format")
-    g.add_argument("--json", action="store_true", help="print token ids and text per prompt as JSON")
+    g.add_argument("--json", action="store_true",
+                   help="print per prompt as JSON: token ids, text, and the parsed final, analysis, tool calls and "
+                        "messages")
     g.add_argument("--stop", action="append", default=None, help="stop a prompt's output at this text (repeatable)")
     g.set_defaults(func=cmd_generate)
 
@@ -538,6 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--ckpt", type=Path, required=True)
     ch.add_argument("--reasoning", choices=("low", "medium", "high"), default="medium")
     ch.add_argument("--system", default=None, help="developer instructions")
+    ch.add_argument("--tools", type=Path, help="JSON file: function tools the model may call (you type the results)")
     ch.add_argument("--show-reasoning", action="store_true", help="also stream the analysis channel")
     ch.add_argument("--max-new-tokens", type=int, default=512)
     ch.add_argument("--temperature", type=float, default=0.0)

@@ -1,6 +1,7 @@
 """Generation: greedy == HF transformers generate, cache == recomputation, batching, sharding, sampling, errors."""
 
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -164,6 +165,90 @@ def test_generate_cli_json(ckpt, capsys):
                     "--json"])
     out = json.loads(capsys.readouterr().out)
     assert raw == 0 and out[0]["prompt_tokens"] == 2 and len(out[0]["tokens"]) == 3
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Current weather for a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+def test_generate_cli_tools_and_conversations(ckpt, capsys, tmp_path):
+    """--developer/--tools and --conversation files reach the prompt exactly as harmony renders them through
+    `chat.render_conversation` (an independent path from the CLI's, which goes through the training data's
+    format), and --json carries the parsed channels and tool calls."""
+    from oss_jax import chat
+
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps([WEATHER]))
+    base = ["generate", "--ckpt", str(ckpt), "--max-new-tokens", "2", "--json", "--reasoning", "low"]
+    assert cli.main(base + ["--prompt", "Weather in Paris?", "--developer", "Be brief.", "--tools", str(tools)]) == 0
+    out = json.loads(capsys.readouterr().out)[0]
+    user = [{"role": "user", "content": "Weather in Paris?"}]
+    assert out["prompt_tokens"] == len(chat.render_conversation(user, "low", "Be brief.", [WEATHER]))
+    assert out["prompt_tokens"] > len(chat.render_conversation(user, "low")) + 20  # the tool's schema is in it
+    assert isinstance(out["tool_calls"], list) and "final" in out
+
+    turn = user + [{"role": "assistant", "recipient": "functions.get_weather", "content": {"city": "Paris"}},
+                   {"role": "tool", "name": "functions.get_weather", "content": {"temp_c": 21}}]
+    conv = tmp_path / "conv.json"
+    conv.write_text(json.dumps({"messages": [{"role": "developer", "content": "Be brief."}] + turn,
+                                "tools": [WEATHER]}))
+    assert cli.main(base + ["--conversation", str(conv), "--conversation", str(conv)]) == 0
+    outs = json.loads(capsys.readouterr().out)
+    expected = chat.render_conversation(turn, "low", "Be brief.", [WEATHER])
+    assert [o["prompt_tokens"] for o in outs] == [len(expected)] * 2 and outs[0]["prompt"] == str(conv)
+    assert outs[0]["tokens"] == outs[1]["tokens"]  # greedy, same prompt: batched rows agree
+
+
+@pytest.mark.parametrize("files, args, message", [
+    ({"t.json": [{"description": "no name"}]}, ["--prompt", "hi", "--tools", "t.json"], r"t\.json: bad tool"),
+    ({"t.json": "[\n{"}, ["--prompt", "hi", "--tools", "t.json"], r"t\.json:2: not valid JSON"),
+    ({"t.json": {"name": "x"}}, ["--prompt", "hi", "--tools", "t.json"], r"t\.json: expected a non-empty JSON list"),
+    ({"c.json": {"messages": [{"role": "usr", "content": "x"}]}}, ["--conversation", "c.json"],
+     r"c\.json: message 1: unknown role 'usr'"),
+    ({"c.json": {"turns": []}}, ["--conversation", "c.json"], r"c\.json: expected \{\"messages\""),
+    ({"c.json": [{"role": "tool", "content": "21"}]}, ["--conversation", "c.json"], r"c\.json: message 1: a tool"),
+    ({}, ["--prompt", "hi", "--raw", "--developer", "x"], "--raw feeds plain text"),
+    ({}, [], "give either --prompt TEXT or --conversation FILE"),
+])
+def test_generate_cli_bad_chat_input_fails_before_loading(tmp_path, capsys, monkeypatch, files, args, message):
+    import re
+
+    monkeypatch.chdir(tmp_path)
+    for name, value in files.items():
+        Path(name).write_text(value if isinstance(value, str) else json.dumps(value))
+    # the checkpoint does not exist: the request is checked (and refused) before anything is loaded
+    assert cli.main(["generate", "--ckpt", str(tmp_path / "missing")] + args) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and err.count("\n") == 1, err
+
+
+def test_chat_turn_returns_tool_results_to_the_model():
+    """`oss-jax chat`'s turn: a tool call gets the user's result, the model continues; completions are real
+    harmony renderings of an assistant's messages (what a trained model emits after `<|start|>assistant`)."""
+    from oss_jax import chat
+
+    enc = chat.encoding()
+    prefix = len(enc.encode("<|start|>assistant", allowed_special="all"))
+    call = {"role": "assistant", "recipient": "functions.get_weather", "content": {"city": "Paris"}}
+    replies = iter([enc.render(chat.to_message(call))[prefix:],
+                    enc.render(chat.to_message({"role": "assistant", "content": "21 C in Paris."}))[prefix:]])
+    prompts, asked = [], []
+
+    def complete(messages):
+        prompts.append(cli.conversation_ids({"messages": messages, "tools": [WEATHER]}, "low", "chat"))
+        return next(replies)
+
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    cli.chat_turn(messages, complete, lambda c: asked.append(c) or '{"temp_c": 21}')
+    assert [m["role"] for m in messages] == ["user", "assistant", "tool", "assistant"]
+    assert asked[0]["recipient"] == "functions.get_weather" and json.loads(asked[0]["content"]) == {"city": "Paris"}
+    assert messages[2] == {"role": "tool", "name": "functions.get_weather", "content": '{"temp_c": 21}'}
+    assert messages[3]["channel"] == "final" and messages[3]["content"] == "21 C in Paris."
+    second = enc.decode(prompts[1])
+    assert second.endswith('<|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>'
+                           '{"temp_c": 21}<|end|><|start|>assistant')
+    # unparsable output (random weights) still leaves a well-formed conversation
+    assert cli.reply_messages([5, 6, 7]) == [{"role": "assistant", "channel": "final", "content": ""}]
 
 
 def test_stop_strings_end_a_prompt(ckpt, capsys):
