@@ -97,19 +97,27 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array, mask: jax
 
     The sink logit joins the softmax's denominator only (one more column whose output is dropped).
     """
-    # operands transposed to [B, K, ...] by hand: XLA:CPU's own layout for these batched dots ran 2.4-3.5x slower
-    # (prefill, 512 queries x 640 keys: scores 185 -> 53 ms, probs x values 84 -> 35 ms)
-    q_t, k_t, v_t = q.transpose(0, 2, 3, 1, 4), k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
-    scores = jnp.einsum("BKGTH,BKHS->BKGTS", q_t, k_t, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
+    scores = jnp.where(mask[:, None, None], _scores(q.transpose(0, 2, 3, 1, 4), k, scale), -jnp.inf)
     sink = sinks.astype(jnp.float32)[None, :, :, None, None]
     # the shift cancels in the ratio (so no gradient through it) and is finite: the sink is always there
     top = jax.lax.stop_gradient(jnp.maximum(jnp.max(scores, axis=-1, keepdims=True), sink))
     weights = jnp.exp(scores - top)
     denominator = jnp.sum(weights, axis=-1, keepdims=True) + jnp.exp(sink - top)
     # normalised after the product with the values: one pass less over the [.., T, S] weights than a softmax
-    out = jnp.einsum("BKGTS,BKSH->BKGTH", weights.astype(v.dtype), v_t, preferred_element_type=jnp.float32)
-    return (out / denominator).transpose(0, 3, 1, 2, 4)
+    return (_mix(weights, v) / denominator).transpose(0, 3, 1, 2, 4)
+
+
+# The two products take operands transposed to [B, K, ...] by hand: XLA:CPU's own layout for these batched dots ran
+# 2.4-3.5x slower (prefill, 512 queries x 640 keys: scores 185 -> 53 ms, probs x values 84 -> 35 ms).
+def _scores(q_t: jax.Array, k: jax.Array, scale: float) -> jax.Array:
+    """q_t [B,K,G,T,H], k [B,S,K,H] -> scaled scores [B,K,G,T,S] float32."""
+    return jnp.einsum("BKGTH,BKHS->BKGTS", q_t, k.transpose(0, 2, 3, 1), preferred_element_type=jnp.float32) * scale
+
+
+def _mix(weights: jax.Array, v: jax.Array) -> jax.Array:
+    """weights [B,K,G,T,S], v [B,S,K,H] -> [B,K,G,T,H] float32."""
+    return jnp.einsum("BKGTS,BKSH->BKGTH", weights.astype(v.dtype), v.transpose(0, 2, 1, 3),
+                      preferred_element_type=jnp.float32)
 
 
 KEY_BLOCK = 1024  # keys per step of `attend_in_blocks`: a prompt chunk's scores stay this wide at any context
@@ -136,15 +144,12 @@ def attend_in_blocks(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array,
     def step(i, carry):
         top, denominator, out = carry
         k_blk, v_blk, pos_blk = (jax.lax.dynamic_slice_in_dim(a, i * block, block, 1) for a in (k, v, k_pos))
-        scores = jnp.einsum("BKGTH,BKHS->BKGTS", q_t, k_blk.transpose(0, 2, 3, 1),
-                            preferred_element_type=jnp.float32) * scale
-        scores = jnp.where(attention_mask(q_pos, pos_blk, window)[:, None, None], scores, -jnp.inf)
+        scores = jnp.where(attention_mask(q_pos, pos_blk, window)[:, None, None], _scores(q_t, k_blk, scale), -jnp.inf)
         new_top = jax.lax.stop_gradient(jnp.maximum(top, jnp.max(scores, axis=-1, keepdims=True)))
         rescale = jnp.exp(top - new_top)
         weights = jnp.exp(scores - new_top)
         denominator = denominator * rescale + jnp.sum(weights, axis=-1, keepdims=True)
-        out = out * rescale + jnp.einsum("BKGTS,BKSH->BKGTH", weights.astype(v.dtype), v_blk.transpose(0, 2, 1, 3),
-                                         preferred_element_type=jnp.float32)
+        out = out * rescale + _mix(weights, v_blk)
         return new_top, denominator, out
 
     if cached:
