@@ -334,20 +334,19 @@ def _json_file(path: Path) -> object:
 
 def _tools_file(path: Path | None) -> list[dict] | None:
     """--tools FILE: a JSON list of function tools ({name, description, parameters} or OpenAI's {type: function,
-    function: {...}}), or an object holding one under "tools"; checked by building the developer message."""
+    function: {...}}), or an object holding one under "tools"; checked before any model is loaded."""
     if path is None:
         return None
-    from oss_jax import chat
+    from oss_jax import data
 
     tools = _json_file(path)
     tools = tools.get("tools") if isinstance(tools, dict) else tools
-    if not (isinstance(tools, list) and tools and all(isinstance(t, dict) for t in tools)):
+    if not (isinstance(tools, list) and tools):
         raise ValueError(f"{path}: expected a non-empty JSON list of tool objects (or {{\"tools\": [...]}})")
     try:
-        chat.header_messages(tools=tools)
-    except (KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"{path}: bad tool ({e!r}); a tool is {{\"name\", \"description\", \"parameters\"}}") \
-            from None
+        data.check_tools(tools)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     return tools
 
 

@@ -106,17 +106,23 @@ def conversation(record: dict[str, Any], reasoning: str = "medium") -> Conversat
     messages, tools = record["messages"], record.get("tools")
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages must be a non-empty list")
-    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
-        raise ValueError("tools must be a list of objects")
+    if tools is not None:
+        check_tools(tools)
     for i, m in enumerate(messages, 1):
         _check_message(i, m)
     developer = messages[0]["content"] if messages[0]["role"] in ("system", "developer") else None
     body = _expand_thinking(messages[1:] if developer is not None else messages)
+    return Conversation.from_messages(header_messages(reasoning, developer, tools) + [to_message(m) for m in body])
+
+
+def check_tools(tools: Any) -> None:
+    """Raise ValueError unless `tools` is a list of function tools harmony can describe (see `chat.to_tool`)."""
+    if not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise ValueError("tools must be a list of objects")
     try:
-        header = header_messages(reasoning, developer, tools)
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"bad tools ({e!r})") from e
-    return Conversation.from_messages(header + [to_message(m) for m in body])
+        header_messages(tools=tools)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f'bad tools ({e!r}); a tool is {{"name", "description", "parameters"}}') from None
 
 
 def _trained(message: Message, train_on: str) -> bool:
