@@ -37,6 +37,11 @@ class LayerCache:
             pos=self.pos.at[b, slot].set(positions, mode="drop"),
         )
 
+    def truncate(self, length: int) -> LayerCache:
+        """Forget every position >= `length` (a full layer can roll back this way; a ring cannot, as newer positions
+        have overwritten the slots of older ones)."""
+        return LayerCache(self.k, self.v, jnp.where(self.pos >= length, -1, self.pos))
+
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: jnp.dtype = jnp.float32) -> list[LayerCache]:
     """Empty caches for every layer: `max_len` slots on full layers, `sliding_window` on sliding ones."""
@@ -52,3 +57,10 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: jnp.dtype = jn
 
 def cache_bytes(caches: list[LayerCache]) -> int:
     return sum(leaf.nbytes for leaf in jax.tree.leaves(caches))
+
+
+def grow(cfg: ModelConfig, caches: list[LayerCache], max_len: int) -> list[LayerCache]:
+    """The same keys and values in caches of `max_len` slots (layers whose slot count does not change are kept)."""
+    bigger = init_cache(cfg, caches[0].pos.shape[0], max_len, caches[0].k.dtype)
+    return [old if new.pos.shape == old.pos.shape else new.write(old.k, old.v, old.pos)
+            for old, new in zip(caches, bigger, strict=True)]

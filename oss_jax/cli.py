@@ -460,19 +460,24 @@ def chat_turn(messages: list[dict], complete, tool_result) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from oss_jax.generate import STOP_TOKENS, Sampling, generate
+    from oss_jax.generate import STOP_TOKENS, Sampling
+    from oss_jax.session import Session
 
     tools = _tools_file(args.tools)
     header = [{"role": "developer", "content": args.system}] if args.system else []
     model = load_model(args.ckpt, args.mesh, args.dtype, args.experts)
     sampling = Sampling(temperature=args.temperature, seed=args.seed)
+    session = Session(model)  # keeps the KV cache: each turn prefills only what the last one did not
 
     def complete(messages: list[dict]) -> list[int]:
         ids = conversation_ids({"messages": header + messages, "tools": tools}, args.reasoning, "the conversation")
         print("assistant>", end="", flush=True)
-        new = generate(model, [ids], max_new_tokens=args.max_new_tokens, sampling=sampling, stop_tokens=STOP_TOKENS,
-                       on_token=_channel_printer(args.show_reasoning))[0]
+        t0 = time.perf_counter()
+        new = session.generate(ids, max_new_tokens=args.max_new_tokens, sampling=sampling, stop_tokens=STOP_TOKENS,
+                               on_token=_channel_printer(args.show_reasoning))
         print()
+        print(f"[{session.reused} cached tokens reused, {session.prefilled} prefilled, {len(new)} generated in "
+              f"{time.perf_counter() - t0:.1f} s]", file=sys.stderr)
         return new
 
     def tool_result(call: dict) -> str:
@@ -480,16 +485,21 @@ def cmd_chat(args: argparse.Namespace) -> int:
         return input(f"{call['recipient']} result> ")
 
     messages: list[dict] = []
-    print("chat with the model: an empty line does nothing, /exit (or Ctrl-D) leaves; tools are not executed: "
-          "you type each tool call's result")
+    print("chat with the model: an empty line does nothing, Ctrl-C stops a reply, /exit (or Ctrl-D) leaves; tools "
+          "are not executed: you type each tool call's result")
     try:
         while True:
             line = input("\nyou> ").strip()
             if line in ("/exit", "/quit"):
                 break
             if line:
+                before = len(messages)
                 messages.append({"role": "user", "content": line})
-                chat_turn(messages, complete, tool_result)
+                try:
+                    chat_turn(messages, complete, tool_result)
+                except KeyboardInterrupt:
+                    del messages[before:]  # the conversation goes on as if this turn had not been asked
+                    print("\n[stopped: this turn was dropped from the conversation]")
     except EOFError:
         pass
     return 0

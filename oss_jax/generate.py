@@ -97,7 +97,8 @@ def _decode(graphdef, state, tokens, positions, caches):
     return model.unembed_logits(hidden[:, 0]), caches
 
 
-def _bucket(n: int, minimum: int = 16) -> int:
+def bucket(n: int, minimum: int = 16) -> int:
+    """The power of two >= n (at least `minimum`): shapes drawn from few sizes compile few times."""
     return max(minimum, 1 << (n - 1).bit_length())
 
 
@@ -135,29 +136,50 @@ def generate(model: GptOss, prompts: Sequence[Sequence[int]], *, max_new_tokens:
 
 def _generate(model, prompts, max_new_tokens, sampling, stop_tokens, chunk, on_token):
     cfg, model = model.cfg, split_model(model)
-    lengths = np.array([len(p) for p in prompts], np.int32)
-    batch, longest = len(prompts), int(lengths.max())
-    width = min(_bucket(longest), chunk)  # prompt chunk length
-    n_chunks = -(-longest // width)
-    caches = init_cache(cfg, batch, _bucket(n_chunks * width + max_new_tokens, 64))
-    padded = np.zeros((batch, n_chunks * width), np.int32)
+    caches = init_cache(cfg, len(prompts), bucket(max(len(p) for p in prompts) + max_new_tokens, 64))
+    logits, caches = prefill(model, prompts, caches, chunk)
+    new, _ = decode(model, logits, caches, [len(p) for p in prompts], max_new_tokens, sampling, stop_tokens,
+                    on_token)
+    return new
+
+
+def prefill(model: SplitModel, prompts: Sequence[Sequence[int]], caches: list[LayerCache], chunk: int,
+            starts: Sequence[int] | None = None) -> tuple[jax.Array, list[LayerCache]]:
+    """Feed each prompt from `starts[i]` on (its earlier tokens already cached; default 0) in chunks of at most
+    `chunk` tokens -> logits at each prompt's last token [B, V] and the caches."""
+    batch = len(prompts)
+    starts = np.zeros(batch, np.int32) if starts is None else np.asarray(starts, np.int32)
+    todo = np.array([len(p) for p in prompts], np.int32) - starts
+    padded = np.zeros((batch, int(todo.max()) + chunk), np.int32)  # room for the last chunk's padding
     for i, p in enumerate(prompts):
-        padded[i, : len(p)] = p
-    last_logits = None
-    for c in range(n_chunks):
-        pos = np.arange(c * width, (c + 1) * width, dtype=np.int32)[None].repeat(batch, 0)
-        pos = np.where(pos < lengths[:, None], pos, -1)
-        logits, caches = prefill_step(model, jnp.asarray(padded[:, c * width:(c + 1) * width]), jnp.asarray(pos),
-                                      caches)
-        ends_here = ((lengths - 1) // width == c)[:, None]
+        padded[i, : todo[i]] = p[starts[i]:]
+    last_logits, c0 = None, 0
+    while c0 < todo.max():
+        width = min(bucket(int(todo.max()) - c0), chunk)  # the last chunk only as wide as what is left needs
+        offsets = np.arange(c0, c0 + width, dtype=np.int32)[None]
+        pos = np.where(offsets < todo[:, None], starts[:, None] + offsets, -1)
+        logits, caches = prefill_step(model, jnp.asarray(padded[:, c0:c0 + width]), jnp.asarray(pos), caches)
+        ends_here = ((todo - 1 >= c0) & (todo - 1 < c0 + width))[:, None]
         last_logits = logits if last_logits is None else jnp.where(ends_here, logits, last_logits)
+        c0 += width
+    return last_logits, caches
+
+
+def decode(model: SplitModel, logits: jax.Array, caches: list[LayerCache], lengths: Sequence[int],
+           max_new_tokens: int, sampling: Sampling, stop_tokens: Sequence[int],
+           on_token: Callable[[np.ndarray, np.ndarray], np.ndarray | None] | None
+           ) -> tuple[list[list[int]], list[LayerCache]]:
+    """Sample from the prompts' last logits [B, V], then decode one token per step (prompt i holds `lengths[i]`
+    tokens) -> new tokens per row, and the caches. With one row, they hold every new token but the last; with more,
+    a row that stopped early keeps being fed (its extra tokens are dropped from the output, not from the cache)."""
+    batch, lengths = logits.shape[0], np.asarray(lengths, np.int32)
     key = jax.random.key(sampling.seed)
     out = np.zeros((batch, max_new_tokens), np.int32)
     done = np.zeros(batch, bool)
     ended = np.full(batch, max_new_tokens)  # tokens kept per row
     for step in range(max_new_tokens):
         key, sub = jax.random.split(key)
-        ids = np.asarray(sample(last_logits, sub, sampling))
+        ids = np.asarray(sample(logits, sub, sampling))
         out[:, step] = ids
         finished_now = ~done & np.isin(ids, stop_tokens)
         if on_token is not None:
@@ -168,5 +190,5 @@ def _generate(model, prompts, max_new_tokens, sampling, stop_tokens, chunk, on_t
         done |= finished_now
         if done.all() or step == max_new_tokens - 1:
             break
-        last_logits, caches = decode_step(model, jnp.asarray(ids), jnp.asarray(lengths + step), caches)
-    return [out[i, : ended[i]].tolist() for i in range(batch)]
+        logits, caches = decode_step(model, jnp.asarray(ids), jnp.asarray(lengths + step), caches)
+    return [out[i, : ended[i]].tolist() for i in range(batch)], caches

@@ -3,9 +3,10 @@ that they interrupt it there, not after a guessed delay that a loaded machine tu
 
     python tests/paused_cli.py MARKER POINT oss-jax-arguments...
 
-POINT is `save` (a conversion's first Orbax partial save is on disk, not finalized) or `step=N` (a training run has
-logged step N). There the command writes MARKER and sleeps; the test then sends SIGINT, SIGTERM or SIGKILL. All else
-is the real command: `oss_jax.cli.main` in the main thread, with its own signal handlers and clean-up.
+POINT is `save` (a conversion's first Orbax partial save is on disk, not finalized), `step=N` (a training run has
+logged step N) or `token=N` (a chat's first reply has streamed N tokens). There the command writes MARKER and sleeps;
+the test then sends SIGINT, SIGTERM or SIGKILL. All else is the real command: `oss_jax.cli.main` in the main thread,
+with its own signal handlers and clean-up.
 
 Tests start it with `paused_command`, which returns once the command is paused there.
 """
@@ -59,16 +60,37 @@ def pause_after_step(marker: Path, step: int) -> None:
     finetune.fit = paused_fit
 
 
+def pause_at_token(marker: Path, n: int) -> None:
+    """Pause the first reply of `oss-jax chat` (a Session) once it has streamed `n` tokens."""
+    from oss_jax import session
+
+    generate = session.Session.generate
+
+    def paused_generate(self, prompt, *, on_token=None, **kwargs):
+        count = [0]
+
+        def counting(ids, done):
+            count[0] += 1
+            if count[0] == n and not marker.exists():
+                pause(marker)
+            return None if on_token is None else on_token(ids, done)
+
+        return generate(self, prompt, on_token=counting, **kwargs)
+
+    session.Session.generate = paused_generate
+
+
 @contextlib.contextmanager
 def paused_command(workdir: Path, point: str, argv: list[str], env: dict | None = None,
-                   ready: Callable[[], bool] = lambda: True, timeout: float = 300
+                   ready: Callable[[], bool] = lambda: True, timeout: float = 300, stdin: str = ""
                    ) -> Iterator[tuple[subprocess.Popen, Path]]:
-    """Run the CLI with `argv` paused at `point`; yield (the process, its output file) once it is paused there and
-    `ready()` holds. Fails at once if the command exits first; `timeout` is a hang guard, not a timing. A process
-    still running at exit is killed."""
-    marker, log = workdir / "paused", workdir / "log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, __file__, str(marker), point, *argv], env=env, stdout=out,
+    """Run the CLI with `argv` (and `stdin` as its input) paused at `point`; yield (the process, its output file) once
+    it is paused there and `ready()` holds. Fails at once if the command exits first; `timeout` is a hang guard, not a
+    timing. A process still running at exit is killed."""
+    marker, log, given = workdir / "paused", workdir / "log", workdir / "stdin"
+    given.write_text(stdin)
+    with open(log, "w") as out, open(given) as inp:
+        proc = subprocess.Popen([sys.executable, __file__, str(marker), point, *argv], env=env, stdin=inp, stdout=out,
                                 stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + timeout
@@ -90,6 +112,8 @@ def main() -> int:
     marker, point, argv = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
     if point == "save":
         pause_after_first_save(marker)
+    elif point.startswith("token="):
+        pause_at_token(marker, int(point.removeprefix("token=")))
     else:
         pause_after_step(marker, int(point.removeprefix("step=")))
     from oss_jax.cli import main as cli_main

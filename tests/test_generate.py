@@ -1,12 +1,15 @@
 """Generation: greedy == HF transformers generate, cache == recomputation, batching, sharding, sampling, errors."""
 
 import json
+import re
+import signal
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from paused_cli import paused_command
 
 from convert.reader import load_params
 from convert.synthetic import make_checkpoint
@@ -14,6 +17,7 @@ from oss_jax import cli
 from oss_jax.cache import init_cache
 from oss_jax.generate import GenerationError, Sampling, decode_step, generate, prefill_step
 from oss_jax.model import forward, model_from_params
+from oss_jax.session import Session
 from oss_jax.sharding import make_mesh, shard_model
 
 NEW = 64
@@ -66,6 +70,17 @@ def test_batched_equals_one_by_one(model, prompts, greedy):
 def test_chunked_prefill_equals_one_chunk(model, prompts, greedy):
     # all NEW tokens: the cache length is then greedy's, whose compiled decode step this run reuses
     assert generate(model, prompts, max_new_tokens=NEW, stop_tokens=(), chunk=4) == greedy
+
+
+def test_last_chunk_is_only_as_wide_as_what_is_left(model, prompts, monkeypatch):
+    from oss_jax import generate as generate_module
+
+    long = prompts[0] + prompts[2]  # 35 tokens
+    whole = generate(model, [long], max_new_tokens=16, stop_tokens=())  # one chunk of 64
+    step, widths = generate_module.prefill_step, []
+    monkeypatch.setattr(generate_module, "prefill_step", lambda m, t, *a: widths.append(t.shape[1]) or step(m, t, *a))
+    assert generate(model, [long], max_new_tokens=16, stop_tokens=(), chunk=32) == whole
+    assert widths == [32, 16]  # not two of 32
 
 
 def test_prefill_against_the_cache_in_key_blocks(model, prompts, greedy, monkeypatch):
@@ -121,6 +136,56 @@ def test_sharded_generation_equals_unsharded(ckpt, prompts, greedy):
     model = model_from_params(cfg, params)
     shard_model(model, make_mesh({"data": 2, "expert": 4}))
     assert generate(model, prompts, max_new_tokens=16, stop_tokens=()) == [g[:16] for g in greedy]
+    chat = Session(model)  # a session's second turn, from the sharded cache it kept
+    first = chat.generate(prompts[1], max_new_tokens=4, stop_tokens=())
+    assert first == greedy[1][:4]
+    second = chat.generate(prompts[1] + first + prompts[2], max_new_tokens=8, stop_tokens=())
+    assert chat.reused == len(prompts[1]) + 3
+    assert second == generate(model_from_params(cfg, params), [prompts[1] + first + prompts[2]], max_new_tokens=8,
+                              stop_tokens=())[0]
+
+
+def test_session_reuses_the_cache_and_equals_fresh_generation(model, prompts, monkeypatch):
+    """A 4-turn conversation of raw ids: each turn's output == a fresh `generate` of the whole prompt, with only
+    the unshared part prefilled. Turn 2 drops the start of turn 1's completion (as harmony drops analysis), so the
+    session must return to turn 1's prompt end: the sliding layer's ring (8 slots) from the snapshot there, the full
+    layer's slots by position; turn 3 extends turn 2; turn 4 leaves turn 2's prompt before its end. The first cache
+    (32 slots) must grow on the way."""
+    from oss_jax import session as session_module
+
+    monkeypatch.setattr(session_module, "MIN_SLOTS", 32)
+    n = 12
+    chat = session_module.Session(model)
+    p1 = prompts[0]
+    new1 = chat.generate(p1, max_new_tokens=n, stop_tokens=())
+    p2 = p1 + new1[4:] + prompts[1]
+    new2 = chat.generate(p2, max_new_tokens=n, stop_tokens=())
+    assert (chat.reused, chat.prefilled) == (len(p1), len(p2) - len(p1))
+    p3 = p2 + new2 + prompts[1]
+    new3 = chat.generate(p3, max_new_tokens=n, stop_tokens=())
+    assert (chat.reused, chat.prefilled) == (len(p2) + n - 1, len(prompts[1]) + 1)
+    slots = {c.pos.shape[1] for layer, c in enumerate(chat.caches) if model.cfg.window(layer) is None}
+    assert slots == {128}  # grown from 32 (p3 + n = 66 positions)
+    p4 = p2[:30] + [(p2[30] + 1) % 199_000] + prompts[2]
+    new4 = chat.generate(p4, max_new_tokens=n, stop_tokens=())
+    assert (chat.reused, chat.prefilled) == (len(p1), len(p4) - len(p1))
+    for p, new in ((p1, new1), (p2, new2), (p3, new3), (p4, new4)):
+        assert new == generate(model, [p], max_new_tokens=n, stop_tokens=())[0]
+    print(f"session: 4 turns of {len(p1)}/{len(p2)}/{len(p3)}/{len(p4)} prompt tokens equal fresh generation")
+
+
+def test_interrupted_session_starts_over(model, prompts, greedy):
+    chat = Session(model)
+    chat.generate(prompts[1], max_new_tokens=4, stop_tokens=())
+
+    def interrupt(ids, done):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        chat.generate(prompts[1] + prompts[2], max_new_tokens=4, stop_tokens=(), on_token=interrupt)
+    assert chat.tokens == [] and chat.caches is None
+    assert chat.generate(prompts[0], max_new_tokens=8, stop_tokens=()) == greedy[0][:8]
+    assert chat.reused == 0
 
 
 def test_sampling_is_seeded_and_filters(model, prompts, greedy):
@@ -251,6 +316,37 @@ def test_chat_turn_returns_tool_results_to_the_model():
     assert cli.reply_messages([5, 6, 7]) == [{"role": "assistant", "channel": "final", "content": ""}]
 
 
+def test_harmony_turns_leave_the_cached_tokens_only_where_a_reply_began():
+    """What `Session` relies on: the next turn's prompt extends the last prompt + reply (all but its stop token),
+    unless harmony dropped the reply's analysis, and then the two part right after the reply's start (where the
+    session keeps a copy of its rings). Replies are real harmony renderings, as in the test above."""
+    from oss_jax import chat
+
+    enc = chat.encoding()
+    start = len(enc.encode("<|start|>assistant", allowed_special="all"))
+
+    def reply(*messages):
+        ids = [t for m in messages for t in enc.render(chat.to_message(m))]
+        return ids[start:-1] + enc.encode("<|call|>" if messages[-1].get("recipient") else "<|return|>",
+                                          allowed_special="all")
+
+    def shared(a, b):
+        return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+    user = {"role": "user", "content": "Weather in Paris?"}
+    think = {"role": "assistant", "channel": "analysis", "content": "Call the tool."}
+    call = {"role": "assistant", "recipient": "functions.get_weather", "content": {"city": "Paris"}}
+    answer = {"role": "assistant", "content": "21 C."}
+    tool = {"role": "tool", "name": "functions.get_weather", "content": "21"}
+    more = {"role": "user", "content": "Thanks"}
+    first = chat.render_conversation([user], "low", tools=[WEATHER])
+    for replied, then, kept in (([answer], [more], True), ([think, call], [tool], True),
+                                ([think, answer], [more], False)):
+        cached = first + reply(*replied)[:-1]
+        following = chat.render_conversation([user, *replied, *then], "low", tools=[WEATHER])
+        assert shared(cached, following) == (len(cached) if kept else len(first) + 1)
+
+
 def test_stop_strings_end_a_prompt(ckpt, capsys):
     from oss_jax.tokenizer import load_tokenizer
 
@@ -275,3 +371,18 @@ def test_chat_cli_keeps_the_conversation_and_exits(ckpt):
                           timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("assistant>") == 2 and "loaded in" in done.stderr
+    turns = [int(n) for n in re.findall(r"\[(\d+) cached tokens reused", done.stderr)]
+    first_prompt = len(cli.conversation_ids({"messages": [{"role": "user", "content": "hello"}]}, "low", "test"))
+    assert turns == [0, first_prompt]  # the second turn went back to where the first reply began
+
+
+def test_chat_cli_ctrl_c_stops_a_reply_and_goes_on(ckpt, tmp_path):
+    """SIGINT while a reply streams: that turn is dropped, the session starts over, the chat goes on."""
+    argv = ["chat", "--ckpt", str(ckpt), "--max-new-tokens", "8", "--reasoning", "low"]
+    with paused_command(tmp_path, "token=3", argv, stdin="hello\nand again\n/exit\n") as (proc, log):
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=300) == 0, log.read_text()
+    out = log.read_text()
+    assert "[stopped: this turn was dropped from the conversation]" in out
+    assert re.findall(r"\[(\d+) cached tokens reused, (\d+) prefilled", out) == [
+        ("0", str(len(cli.conversation_ids({"messages": [{"role": "user", "content": "and again"}]}, "low", "t"))))]
