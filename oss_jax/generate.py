@@ -122,21 +122,24 @@ def check_request(model: GptOss, prompts: Sequence[Sequence[int]], max_new_token
 
 def generate(model: GptOss, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
              sampling: Sampling = Sampling(), stop_tokens: Sequence[int] = STOP_TOKENS, chunk: int = 512,
-             on_token: Callable[[np.ndarray, np.ndarray], np.ndarray | None] | None = None) -> list[list[int]]:
+             on_token: Callable[[np.ndarray, np.ndarray], np.ndarray | None] | None = None,
+             cache_dtype: jnp.dtype | None = None) -> list[list[int]]:
     """Continue each prompt (token ids; lengths may differ) until a stop token or max_new_tokens.
 
     Returns the new tokens per prompt (a stop token included when one ended it). `on_token(ids [B], done [B])`
     streams each step; it may return a bool [B] of rows to stop after this token (e.g. a stop string appeared).
+    The KV cache is kept in `cache_dtype` (default: the model's dtype, as HF transformers keeps it).
     """
     check_request(model, prompts, max_new_tokens)
     mesh = model_mesh(model)
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-        return _generate(model, prompts, max_new_tokens, sampling, tuple(stop_tokens), chunk, on_token)
+        return _generate(model, prompts, max_new_tokens, sampling, tuple(stop_tokens), chunk, on_token,
+                         cache_dtype or model.dtype)
 
 
-def _generate(model, prompts, max_new_tokens, sampling, stop_tokens, chunk, on_token):
+def _generate(model, prompts, max_new_tokens, sampling, stop_tokens, chunk, on_token, cache_dtype):
     cfg, model = model.cfg, split_model(model)
-    caches = init_cache(cfg, len(prompts), bucket(max(len(p) for p in prompts) + max_new_tokens, 64))
+    caches = init_cache(cfg, len(prompts), bucket(max(len(p) for p in prompts) + max_new_tokens, 64), cache_dtype)
     logits, caches = prefill(model, prompts, caches, chunk)
     new, _ = decode(model, logits, caches, [len(p) for p in prompts], max_new_tokens, sampling, stop_tokens,
                     on_token)

@@ -32,10 +32,11 @@ def _copy(cache: LayerCache) -> LayerCache:
 
 class Session:
     """One conversation's generator (batch 1). `generate(prompt_ids)` reuses the cache for the longest prefix of
-    the prompt that the cache can return to; `reused` and `prefilled` say how many tokens that was, per call."""
+    the prompt that the cache can return to; `reused` and `prefilled` say how many tokens that was, per call.
+    The cache is kept in `cache_dtype` (default: the model's dtype)."""
 
-    def __init__(self, model: GptOss, *, chunk: int = 512):
-        self.model, self.chunk = model, chunk
+    def __init__(self, model: GptOss, *, chunk: int = 512, cache_dtype: jnp.dtype | None = None):
+        self.model, self.chunk, self.cache_dtype = model, chunk, cache_dtype or model.dtype
         self._split = split_model(model)
         self._rings = [i for i in range(model.cfg.num_hidden_layers) if model.cfg.window(i) is not None]
         self.reset()
@@ -94,7 +95,7 @@ class Session:
         cfg = self.model.cfg
         slots = max(length, min(bucket(length, MIN_SLOTS), cfg.max_position_embeddings))
         if self.caches is None:
-            return init_cache(cfg, 1, slots)
+            return init_cache(cfg, 1, slots, self.cache_dtype)
         if any(c.pos.shape[1] < length for i, c in enumerate(self.caches) if i not in self._rings):
             return grow(cfg, self.caches, slots)
         return self.caches

@@ -73,14 +73,16 @@ def test_chunked_prefill_equals_one_chunk(model, prompts, greedy):
 
 
 def test_last_chunk_is_only_as_wide_as_what_is_left(model, prompts, monkeypatch):
+    """35 tokens in chunks of 32 (then 16 for the 3 left, not 32) == in chunks of 16; batch 1 with a 128-slot cache,
+    the shapes test_batched_equals_one_by_one compiled."""
     from oss_jax import generate as generate_module
 
-    long = prompts[0] + prompts[2]  # 35 tokens
-    whole = generate(model, [long], max_new_tokens=16, stop_tokens=())  # one chunk of 64
+    long = prompts[0] + prompts[2]
     step, widths = generate_module.prefill_step, []
     monkeypatch.setattr(generate_module, "prefill_step", lambda m, t, *a: widths.append(t.shape[1]) or step(m, t, *a))
-    assert generate(model, [long], max_new_tokens=16, stop_tokens=(), chunk=32) == whole
-    assert widths == [32, 16]  # not two of 32
+    assert generate(model, [long], max_new_tokens=NEW, stop_tokens=(), chunk=32) == \
+        generate(model, [long], max_new_tokens=NEW, stop_tokens=(), chunk=16)
+    assert widths == [32, 16, 16, 16, 16]
 
 
 def test_prefill_against_the_cache_in_key_blocks(model, prompts, greedy, monkeypatch):
@@ -131,11 +133,39 @@ def test_cached_decode_logits_equal_full_recompute(model, prompts, greedy):
     assert {c.k.shape[1] for c in sliding} == {cfg.sliding_window}  # ring: memory independent of the context
 
 
-def test_sharded_generation_equals_unsharded(ckpt, prompts, greedy):
+def test_a_bf16_model_keeps_a_bf16_cache_at_no_cost_in_precision(ckpt, prompts, monkeypatch):
+    """Attention casts keys and values to the model's dtype before using them, so a bf16 model's bf16 cache (half a
+    float32 one; what `oss-jax plan` counts) gives bit for bit the logits of a float32 cache."""
+    from oss_jax import session as session_module
+
+    monkeypatch.setattr(session_module, "MIN_SLOTS", 64)  # the session's compiled steps serve the bf16 run below
+    cfg, params = load_params(ckpt)
+    model16 = model_from_params(cfg, params, dtype=jnp.bfloat16)
+    chat = Session(model16)
+    new = chat.generate(prompts[0], max_new_tokens=4, stop_tokens=())
+    assert {c.k.dtype for c in chat.caches} == {jnp.dtype(jnp.bfloat16)}
+    runs = {}
+    for dtype in (jnp.float32, jnp.bfloat16):
+        caches = init_cache(cfg, 1, 64, dtype)
+        pos = jnp.where(jnp.arange(32)[None] < len(prompts[0]), jnp.arange(32)[None], -1)
+        logits, caches = prefill_step(model16, jnp.asarray([prompts[0] + [0] * 9]), pos, caches)
+        steps = [logits]
+        for i, t in enumerate(new[:-1]):
+            logits, caches = decode_step(model16, jnp.asarray([t]), jnp.asarray([len(prompts[0]) + i]), caches)
+            steps.append(logits)
+        runs[dtype] = np.asarray(jnp.concatenate(steps).astype(jnp.float32))
+    assert np.array_equal(runs[jnp.float32], runs[jnp.bfloat16])
+    assert new == [int(t) for t in runs[jnp.float32].argmax(-1)]
+
+
+def test_sharded_generation_equals_unsharded(ckpt, prompts, greedy, monkeypatch):
     cfg, params = load_params(ckpt)
     model = model_from_params(cfg, params)
     shard_model(model, make_mesh({"data": 2, "expert": 4}))
     assert generate(model, prompts, max_new_tokens=16, stop_tokens=()) == [g[:16] for g in greedy]
+    from oss_jax import session as session_module
+
+    monkeypatch.setattr(session_module, "MIN_SLOTS", 64)  # the cache the unsharded reference below gets
     chat = Session(model)  # a session's second turn, from the sharded cache it kept
     first = chat.generate(prompts[1], max_new_tokens=4, stop_tokens=())
     assert first == greedy[1][:4]
@@ -150,10 +180,10 @@ def test_session_reuses_the_cache_and_equals_fresh_generation(model, prompts, mo
     the unshared part prefilled. Turn 2 drops the start of turn 1's completion (as harmony drops analysis), so the
     session must return to turn 1's prompt end: the sliding layer's ring (8 slots) from the snapshot there, the full
     layer's slots by position; turn 3 extends turn 2; turn 4 leaves turn 2's prompt before its end. The first cache
-    (32 slots) must grow on the way."""
+    (64 slots) must grow on the way."""
     from oss_jax import session as session_module
 
-    monkeypatch.setattr(session_module, "MIN_SLOTS", 32)
+    monkeypatch.setattr(session_module, "MIN_SLOTS", 64)  # the cache `generate` picks for turns 1, 2 and 4
     n = 12
     chat = session_module.Session(model)
     p1 = prompts[0]
@@ -165,7 +195,7 @@ def test_session_reuses_the_cache_and_equals_fresh_generation(model, prompts, mo
     new3 = chat.generate(p3, max_new_tokens=n, stop_tokens=())
     assert (chat.reused, chat.prefilled) == (len(p2) + n - 1, len(prompts[1]) + 1)
     slots = {c.pos.shape[1] for layer, c in enumerate(chat.caches) if model.cfg.window(layer) is None}
-    assert slots == {128}  # grown from 32 (p3 + n = 66 positions)
+    assert slots == {128}  # grown from 64 (p3 + n = 65 positions)
     p4 = p2[:30] + [(p2[30] + 1) % 199_000] + prompts[2]
     new4 = chat.generate(p4, max_new_tokens=n, stop_tokens=())
     assert (chat.reused, chat.prefilled) == (len(p1), len(p4) - len(p1))
@@ -174,7 +204,10 @@ def test_session_reuses_the_cache_and_equals_fresh_generation(model, prompts, mo
     print(f"session: 4 turns of {len(p1)}/{len(p2)}/{len(p3)}/{len(p4)} prompt tokens equal fresh generation")
 
 
-def test_interrupted_session_starts_over(model, prompts, greedy):
+def test_interrupted_session_starts_over(model, prompts, greedy, monkeypatch):
+    from oss_jax import session as session_module
+
+    monkeypatch.setattr(session_module, "MIN_SLOTS", 128)  # the shapes of test_batched_equals_one_by_one
     chat = Session(model)
     chat.generate(prompts[1], max_new_tokens=4, stop_tokens=())
 
@@ -362,27 +395,16 @@ def test_stop_strings_end_a_prompt(ckpt, capsys):
     jax.clear_caches()  # after both CLI tests: the second reuses the first one's compiled steps
 
 
-def test_chat_cli_keeps_the_conversation_and_exits(ckpt):
-    import subprocess
-    import sys
-
-    done = subprocess.run([sys.executable, "-m", "oss_jax.cli", "chat", "--ckpt", str(ckpt), "--max-new-tokens", "4",
-                           "--reasoning", "low"], input="hello\n\nand again\n/exit\n", capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.count("assistant>") == 2 and "loaded in" in done.stderr
-    turns = [int(n) for n in re.findall(r"\[(\d+) cached tokens reused", done.stderr)]
-    first_prompt = len(cli.conversation_ids({"messages": [{"role": "user", "content": "hello"}]}, "low", "test"))
-    assert turns == [0, first_prompt]  # the second turn went back to where the first reply began
-
-
-def test_chat_cli_ctrl_c_stops_a_reply_and_goes_on(ckpt, tmp_path):
-    """SIGINT while a reply streams: that turn is dropped, the session starts over, the chat goes on."""
-    argv = ["chat", "--ckpt", str(ckpt), "--max-new-tokens", "8", "--reasoning", "low"]
-    with paused_command(tmp_path, "token=3", argv, stdin="hello\nand again\n/exit\n") as (proc, log):
+def test_chat_cli_keeps_the_conversation_and_ctrl_c_stops_a_reply(ckpt, tmp_path):
+    """`oss-jax chat` with SIGINT while the first reply streams: that turn is dropped and the session starts over;
+    the chat goes on, and its next turn reuses the cache back to where the reply before began."""
+    argv = ["chat", "--ckpt", str(ckpt), "--max-new-tokens", "4", "--reasoning", "low"]
+    with paused_command(tmp_path, "token=3", argv, stdin="hello\nand again\n\nonce more\n/exit\n") as (proc, log):
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=300) == 0, log.read_text()
     out = log.read_text()
+    assert out.count("assistant>") == 3 and "loaded in" in out
     assert "[stopped: this turn was dropped from the conversation]" in out
-    assert re.findall(r"\[(\d+) cached tokens reused, (\d+) prefilled", out) == [
-        ("0", str(len(cli.conversation_ids({"messages": [{"role": "user", "content": "and again"}]}, "low", "t"))))]
+    first = cli.conversation_ids({"messages": [{"role": "user", "content": "and again"}]}, "low", "test")
+    turns = [int(n) for n in re.findall(r"\[(\d+) cached tokens reused", out)]
+    assert turns == [0, len(first)]
