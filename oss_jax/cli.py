@@ -485,14 +485,21 @@ def cmd_chat(args: argparse.Namespace) -> int:
         return input(f"{call['recipient']} result> ")
 
     messages: list[dict] = []
-    print("chat with the model: an empty line does nothing, Ctrl-C stops a reply, /exit (or Ctrl-D) leaves; tools "
-          "are not executed: you type each tool call's result")
+    print("chat with the model: an empty line does nothing, Ctrl-C stops a reply, /save FILE writes the conversation "
+          "(the fine-tuning data's format, which generate --conversation continues), /reset starts over, /exit (or "
+          "Ctrl-D) leaves; tools are not executed: you type each tool call's result")
     try:
         while True:
             line = input("\nyou> ").strip()
             if line in ("/exit", "/quit"):
                 break
-            if line:
+            if line == "/reset":
+                messages.clear()
+                session.reset()
+                print("[a new conversation]")
+            elif line.startswith("/save"):
+                _save_conversation(line.removeprefix("/save").strip(), header + messages, tools)
+            elif line:
                 before = len(messages)
                 messages.append({"role": "user", "content": line})
                 try:
@@ -503,6 +510,22 @@ def cmd_chat(args: argparse.Namespace) -> int:
     except EOFError:
         pass
     return 0
+
+
+def _save_conversation(path: str, messages: list[dict], tools: list[dict] | None) -> None:
+    """/save FILE: the conversation as one record of the fine-tuning data's format, written atomically."""
+    from oss_jax.files import write_text_atomic
+
+    if not path:
+        print("[usage: /save FILE]")
+        return
+    record = {"messages": messages, **({"tools": tools} if tools else {})}
+    try:
+        write_text_atomic(path, json.dumps(record, indent=1, ensure_ascii=False) + "\n")
+    except OSError as e:
+        print(f"[not saved: {e}]")
+        return
+    print(f"[saved {len(messages)} messages to {path}]")
 
 
 def cmd_train(args: argparse.Namespace) -> int:

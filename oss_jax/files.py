@@ -1,4 +1,4 @@
-"""Output directories written atomically, and the tokenizer files that travel with a checkpoint."""
+"""Output files and directories written atomically, and the tokenizer files that travel with a checkpoint."""
 
 from __future__ import annotations
 
@@ -31,6 +31,14 @@ def atomic_dir(dst: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """`path` holds either its old content or all of `text`, never a part (written beside it, then renamed)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def copy_tokenizer(src: Path, dst: Path) -> list[str]:

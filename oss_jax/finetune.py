@@ -8,7 +8,6 @@ the run completes, `final/`: a converted checkpoint (LoRA merged in) that `oss-j
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +21,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from oss_jax import checkpoint, data
+from oss_jax.files import write_text_atomic
 from oss_jax.plan import batch_sharding
 from oss_jax.train import BATCH_KEYS, TrainConfig, Trainer, TrainState
 
@@ -42,7 +42,7 @@ def _run_config(run: Path, tc: TrainConfig, ckpt: Path, data_path: Path, resume:
         if (run / CHECKPOINTS).exists() and any((run / CHECKPOINTS).iterdir()):
             raise RunError(f"{run} already holds checkpoints: pass --resume to continue it, or choose a new --out")
         run.mkdir(parents=True, exist_ok=True)
-        _write_atomic(stored, json.dumps({"train": tc.to_dict(), "ckpt": str(ckpt), "data": str(data_path)},
+        write_text_atomic(stored, json.dumps({"train": tc.to_dict(), "ckpt": str(ckpt), "data": str(data_path)},
                                          indent=2) + "\n")
         return tc
     if not stored.is_file():
@@ -53,12 +53,6 @@ def _run_config(run: Path, tc: TrainConfig, ckpt: Path, data_path: Path, resume:
         changed = sorted(k for k, v in tc.to_dict().items() if saved_tc.to_dict()[k] != v)
         raise RunError(f"{run}: --resume with settings that differ from the run's own {CONFIG}: {changed}")
     return saved_tc
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _manager(run: Path, tc: TrainConfig) -> ocp.CheckpointManager:
@@ -83,7 +77,7 @@ def _keep_metrics_until(path: Path, step: int) -> None:
     """Drop metric lines past `step` (written after the checkpoint a resumed run restarts from)."""
     if path.is_file():
         lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-        _write_atomic(path, "".join(ln + "\n" for ln in lines))
+        write_text_atomic(path, "".join(ln + "\n" for ln in lines))
 
 
 def _device_batch(batches: Iterator[dict[str, np.ndarray]], tc: TrainConfig, mesh: Mesh | None

@@ -397,14 +397,21 @@ def test_stop_strings_end_a_prompt(ckpt, capsys):
 
 def test_chat_cli_keeps_the_conversation_and_ctrl_c_stops_a_reply(ckpt, tmp_path):
     """`oss-jax chat` with SIGINT while the first reply streams: that turn is dropped and the session starts over;
-    the chat goes on, and its next turn reuses the cache back to where the reply before began."""
+    the chat goes on, and its next turn reuses the cache back to where the reply before began. /save writes a record
+    that `generate --conversation` accepts; /reset starts a new conversation."""
+    saved = tmp_path / "conv.json"
     argv = ["chat", "--ckpt", str(ckpt), "--max-new-tokens", "4", "--reasoning", "low"]
-    with paused_command(tmp_path, "token=3", argv, stdin="hello\nand again\n\nonce more\n/exit\n") as (proc, log):
+    stdin = f"hello\nand again\n\nonce more\n/save {saved}\n/reset\nnew start\n/exit\n"
+    with paused_command(tmp_path, "token=3", argv, stdin=stdin) as (proc, log):
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=300) == 0, log.read_text()
     out = log.read_text()
-    assert out.count("assistant>") == 3 and "loaded in" in out
+    assert out.count("assistant>") == 4 and "loaded in" in out
     assert "[stopped: this turn was dropped from the conversation]" in out
     first = cli.conversation_ids({"messages": [{"role": "user", "content": "and again"}]}, "low", "test")
     turns = [int(n) for n in re.findall(r"\[(\d+) cached tokens reused", out)]
-    assert turns == [0, len(first)]
+    assert turns == [0, len(first), 0]
+    record = json.loads(saved.read_text())
+    assert [m["content"] for m in record["messages"] if m["role"] == "user"] == ["and again", "once more"]
+    assert record["messages"][1]["role"] == "assistant"
+    assert cli.conversation_ids(record, "low", str(saved))[: len(first)] == first
