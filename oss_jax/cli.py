@@ -513,7 +513,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _save_conversation(path: str, messages: list[dict], tools: list[dict] | None) -> None:
-    """/save FILE: the conversation as one record of the fine-tuning data's format, written atomically."""
+    """/save FILE: the conversation as one record of the fine-tuning data's format on one line (a .jsonl of one
+    example, or JSON for generate --conversation), written atomically."""
     from oss_jax.files import write_text_atomic
 
     if not path:
@@ -521,7 +522,7 @@ def _save_conversation(path: str, messages: list[dict], tools: list[dict] | None
         return
     record = {"messages": messages, **({"tools": tools} if tools else {})}
     try:
-        write_text_atomic(path, json.dumps(record, indent=1, ensure_ascii=False) + "\n")
+        write_text_atomic(path, json.dumps(record, ensure_ascii=False) + "\n")
     except OSError as e:
         print(f"[not saved: {e}]")
         return

@@ -13,7 +13,7 @@ from paused_cli import paused_command
 
 from convert.reader import load_params
 from convert.synthetic import make_checkpoint
-from oss_jax import cli
+from oss_jax import cli, data
 from oss_jax.cache import init_cache
 from oss_jax.generate import GenerationError, Sampling, decode_step, generate, prefill_step
 from oss_jax.model import forward, model_from_params
@@ -412,6 +412,8 @@ def test_chat_cli_keeps_the_conversation_and_ctrl_c_stops_a_reply(ckpt, tmp_path
     turns = [int(n) for n in re.findall(r"\[(\d+) cached tokens reused", out)]
     assert turns == [0, len(first), 0]
     record = json.loads(saved.read_text())
+    (tmp_path / "one.jsonl").write_text(saved.read_text())  # one line: also a .jsonl of one training example
+    assert len(data.load_examples(tmp_path / "one.jsonl", ckpt, max_len=1024)[0]) == 1
     assert [m["content"] for m in record["messages"] if m["role"] == "user"] == ["and again", "once more"]
     assert record["messages"][1]["role"] == "assistant"
     assert cli.conversation_ids(record, "low", str(saved))[: len(first)] == first
