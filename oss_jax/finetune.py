@@ -43,7 +43,7 @@ def _run_config(run: Path, tc: TrainConfig, ckpt: Path, data_path: Path, resume:
             raise RunError(f"{run} already holds checkpoints: pass --resume to continue it, or choose a new --out")
         run.mkdir(parents=True, exist_ok=True)
         write_text_atomic(stored, json.dumps({"train": tc.to_dict(), "ckpt": str(ckpt), "data": str(data_path)},
-                                         indent=2) + "\n")
+                                              indent=2) + "\n")
         return tc
     if not stored.is_file():
         raise RunError(f"{run}: nothing to resume (no {CONFIG}); start the run without --resume")
