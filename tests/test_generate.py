@@ -112,12 +112,10 @@ def test_prefill_against_the_cache_in_key_blocks(model, prompts, greedy, monkeyp
         jax.clear_caches()
 
 
-def test_cached_decode_logits_equal_full_recompute(model, prompts, greedy):
-    """The prompt padded to its bucket and the cache length `generate` picks: the compiled steps are those of
-    test_batched_equals_one_by_one."""
-    cfg = model.cfg
-    prompt, new = prompts[0], greedy[0][:12]
-    caches = init_cache(cfg, 1, 128)
+def cached_logits(model, prompt: list[int], new: list[int], slots: int, dtype=jnp.float32):
+    """Logits [len(new), V] of `prompt` prefilled (padded to 32) into a cache of `slots` in `dtype`, then of `new`
+    but its last token decoded one at a time; and the caches."""
+    caches = init_cache(model.cfg, 1, slots, dtype)
     pos = jnp.arange(32, dtype=jnp.int32)[None]
     pos = jnp.where(pos < len(prompt), pos, -1)  # -1: padding
     logits, caches = prefill_step(model, jnp.asarray([prompt + [0] * (32 - len(prompt))]), pos, caches)
@@ -125,8 +123,17 @@ def test_cached_decode_logits_equal_full_recompute(model, prompts, greedy):
     for i, t in enumerate(new[:-1]):
         logits, caches = decode_step(model, jnp.asarray([t]), jnp.asarray([len(prompt) + i]), caches)
         steps.append(logits[0])
+    return jnp.stack(steps), caches
+
+
+def test_cached_decode_logits_equal_full_recompute(model, prompts, greedy):
+    """The prompt padded to its bucket and the cache length `generate` picks: the compiled steps are those of
+    test_batched_equals_one_by_one."""
+    cfg = model.cfg
+    prompt, new = prompts[0], greedy[0][:12]
+    steps, caches = cached_logits(model, prompt, new, 128)
     full = forward(model, jnp.asarray([prompt + new[:-1]]))[0, len(prompt) - 1:]
-    err = float(jnp.abs(jnp.stack(steps) - full).max())
+    err = float(jnp.abs(steps - full).max())
     print(f"cached decode vs full recompute over {len(new)} steps: max |Δlogit| {err:.2e}")
     assert err <= 1e-4
     sliding = [c for layer, c in enumerate(caches) if cfg.window(layer) is not None]
@@ -144,16 +151,8 @@ def test_a_bf16_model_keeps_a_bf16_cache_at_no_cost_in_precision(ckpt, prompts, 
     chat = Session(model16)
     new = chat.generate(prompts[0], max_new_tokens=4, stop_tokens=())
     assert {c.k.dtype for c in chat.caches} == {jnp.dtype(jnp.bfloat16)}
-    runs = {}
-    for dtype in (jnp.float32, jnp.bfloat16):
-        caches = init_cache(cfg, 1, 64, dtype)
-        pos = jnp.where(jnp.arange(32)[None] < len(prompts[0]), jnp.arange(32)[None], -1)
-        logits, caches = prefill_step(model16, jnp.asarray([prompts[0] + [0] * 9]), pos, caches)
-        steps = [logits]
-        for i, t in enumerate(new[:-1]):
-            logits, caches = decode_step(model16, jnp.asarray([t]), jnp.asarray([len(prompts[0]) + i]), caches)
-            steps.append(logits)
-        runs[dtype] = np.asarray(jnp.concatenate(steps).astype(jnp.float32))
+    runs = {dtype: np.asarray(cached_logits(model16, prompts[0], new, 64, dtype)[0].astype(jnp.float32))
+            for dtype in (jnp.float32, jnp.bfloat16)}
     assert np.array_equal(runs[jnp.float32], runs[jnp.bfloat16])
     assert new == [int(t) for t in runs[jnp.float32].argmax(-1)]
 
