@@ -29,7 +29,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository root, not benchmarks/ (see generate.py)
 
-from benchmarks.generate import GiB, LazyParams, Timer, bench_config, load, peak_rss  # noqa: E402
+from benchmarks.generate import GiB, LazyParams, Timer, bench_config, hf_model, load, peak_rss  # noqa: E402
 
 WORDS = ("the model reads every message of the conversation again unless its keys and values are kept between "
          "turns so a long chat gets slower with each question asked").split()
@@ -79,12 +79,9 @@ def worker_ours(args) -> dict:
 
 def worker_hf(args) -> dict:
     import torch
-    import transformers
 
     torch.set_num_threads(args.threads)
-    model = transformers.GptOssForCausalLM.from_pretrained(
-        str(args.ckpt), dtype=torch.float32, attn_implementation="eager",
-        quantization_config=transformers.Mxfp4Config(dequantize=True)).float().eval()
+    model = hf_model(args.ckpt, torch.float32)
     prompts = json.loads(args.prompts.read_text())
     rows = []
     with torch.inference_mode():

@@ -126,6 +126,18 @@ def best_time(fn, reps: int) -> float:
     return min(timer.times)
 
 
+def hf_model(ckpt: Path, dtype, experts: str = "default"):
+    """transformers' GptOssForCausalLM from a checkpoint: eager attention, MXFP4 dequantized while loading, every
+    weight in `dtype` (a torch dtype); `experts`: its experts_implementation, or "default"."""
+    import transformers
+
+    kwargs = {} if experts == "default" else {"experts_implementation": experts}
+    model = transformers.GptOssForCausalLM.from_pretrained(
+        str(ckpt), dtype=dtype, attn_implementation="eager",
+        quantization_config=transformers.Mxfp4Config(dequantize=True), **kwargs)
+    return model.to(dtype).eval()
+
+
 # ------------------------------------------------------------------ workers (each in its own process)
 
 
@@ -303,7 +315,6 @@ def worker_ours(args) -> dict:
 
 def worker_hf(args) -> dict:
     import torch
-    import transformers
 
     torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
@@ -313,11 +324,7 @@ def worker_hf(args) -> dict:
                            "mkldnn bf16 unsupported)"}
     work = {k: np.asarray(v) for k, v in np.load(args.tokens).items()}
     t0 = time.perf_counter()
-    kwargs = {} if args.hf_experts == "default" else {"experts_implementation": args.hf_experts}
-    model = transformers.GptOssForCausalLM.from_pretrained(
-        str(args.ckpt), dtype=dtype, attn_implementation="eager",
-        quantization_config=transformers.Mxfp4Config(dequantize=True), **kwargs)
-    model = model.to(dtype).eval()
+    model = hf_model(args.ckpt, dtype, args.hf_experts)
     res: dict = {"load_s": time.perf_counter() - t0, "rss_after_load": peak_rss(), "threads": torch.get_num_threads(),
                  "experts_implementation": str(getattr(model.config, "_experts_implementation", None))}
 
