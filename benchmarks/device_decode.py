@@ -9,7 +9,9 @@ back, nothing leaves the device). Printed:
   decode as a fraction of the memory-bandwidth bound: bytes that must be read per step / streaming-read
       bandwidth, measured in the same process (a jitted sum over a 2 GiB array, best of 5)
   the expert matmul alone at decode shapes (one layer's mlp1 + mlp2 rows, random routing): each implementation
-      (packed: gathered / looped; bf16: gathered / ragged_dot), its time and its share of the bound
+      (packed: --variants, the XLA gathered forms and Pallas kernel tilings; bf16: gathered), its time, its share
+      of the bound and its largest difference from the first variant's output, relative to that output's largest
+  with --profile N: N more decode steps traced with jax.profiler, the device time per kernel name and per step
 
 Bytes per decode step (stored dtypes): every non-expert weight once (attention, router, norms, unembedding), one
 embedding row per sequence, the experts the step routes to once each (batch 1: k per layer; batch B: the expected
@@ -17,7 +19,8 @@ number of distinct experts under uniform routing, E (1 - (1 - k/E)^B), per layer
 each query. Not part of CI.
 
     python benchmarks/device_decode.py --model gpt-oss-20b --experts packed --json out.json
-    python benchmarks/device_decode.py --model gpt-oss-120b --experts packed
+    XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 python benchmarks/device_decode.py --model gpt-oss-120b --experts packed \
+        --skip-matmul --no-prefill --profile 3    # the default 0.75 of an 80 GB card is too little for 120b
     python benchmarks/device_decode.py --model tiny --batches 1,2     # a smoke run anywhere (CPU too)
 """
 
@@ -57,6 +60,11 @@ def device_memory() -> dict[str, int]:
     """The allocator's bytes in use and peak (empty where the backend does not report them)."""
     stats = jax.devices()[0].memory_stats() or {}
     return {k: int(stats[k]) for k in ("bytes_in_use", "peak_bytes_in_use", "bytes_limit") if k in stats}
+
+
+def _memory_line() -> str:
+    m = device_memory()
+    return f"in use {m.get('bytes_in_use', 0) / GiB:.2f} GiB, peak {m.get('peak_bytes_in_use', 0) / GiB:.2f} GiB"
 
 
 def best_time(fn, reps: int) -> float:
@@ -189,10 +197,37 @@ def _gathered_rows(x, w, group_sizes):
     return jnp.where(valid[:, None], jnp.stack(out), 0.0)
 
 
+def _gathered_words_bits(x, w, group_sizes):
+    """`packed.gathered_matmul` decoding with integer ops (`packed.twice_fp4_bits`) instead of float selects."""
+    e, width, n = w.shape
+    a, g = x.shape[0], width // mxfp4.GROUP
+    ids, valid = packed.row_experts(group_sizes, a)
+    words = jax.lax.bitcast_convert_type(w.blocks.reshape(e, n, g, 4, 4), jnp.uint32)
+    codes = (words[ids][..., None] >> (4 * jnp.arange(8, dtype=jnp.uint32))) & 15
+    xs = x.astype(jnp.float32).reshape(a, 1, g, 4, 8)
+    half = packed._half_scale(w.scales[ids])[..., None, None]
+    y = jnp.sum(packed.twice_fp4_bits(codes) * xs * half, axis=(2, 3, 4))
+    return jnp.where(valid[:, None], y, 0.0)
+
+
+def _kernel_float_decode(x, w, group_sizes):
+    """`packed.kernel_matmul` decoding with `packed._twice_fp4` (float selects), for the decode's share of its time
+    (swapped while tracing)."""
+    saved, packed.twice_fp4_bits = packed.twice_fp4_bits, packed._twice_fp4
+    try:
+        return packed.kernel_matmul(x, w, group_sizes)
+    finally:
+        packed.twice_fp4_bits = saved
+
+
+# kernel-R{block_rows}-G{step_groups}-P{programs}-W{warps}: `packed.kernel_matmul` tilings
+KERNELS = [(64, 2, 2048, 4), (128, 2, 2048, 8), (256, 2, 1024, 8), (32, 2, 8192, 2), (128, 2, 4096, 4),
+           (128, 1, 2048, 8)]
 GATHERED = {"words": packed.gathered_matmul, "bytes": _gathered_bytes, "rows": _gathered_rows,
-            "kernel64": functools.partial(packed.kernel_matmul, block_rows=64),
-            "kernel32": functools.partial(packed.kernel_matmul, block_rows=32),
-            "kernel64x1": functools.partial(packed.kernel_matmul, block_rows=64, splits=1)}
+            "wordsbits": _gathered_words_bits, "kernel": packed.kernel_matmul, "kernelfloat": _kernel_float_decode,
+            **{f"kernel-R{r}-G{g}-P{p}-W{wp}": functools.partial(packed.kernel_matmul, block_rows=r, step_groups=g,
+                                                                 programs=p, warps=wp)
+               for r, g, p, wp in KERNELS}}
 
 
 def expert_matmuls(cfg: ModelConfig, dtype, packed_experts: bool, batches: list[int], bandwidth: float,
@@ -205,7 +240,8 @@ def expert_matmuls(cfg: ModelConfig, dtype, packed_experts: bool, batches: list[
                           _fill_jit(key, "scales", (e, 2 * f, d // 32), jnp.dtype(jnp.uint8)))
         w2 = packed.MXFP4(_fill_jit(key, "blocks", (e, d, f // 32, 16), jnp.dtype(jnp.uint8)),
                           _fill_jit(key, "scales", (e, d, f // 32), jnp.dtype(jnp.uint8)))
-        impls = {f"gathered-{k}": v for k, v in GATHERED.items() if k in variants}
+        impls = {f"gathered-{k}": v for k, v in GATHERED.items()
+                 if k in variants or any(v.endswith("*") and k.startswith(v[:-1]) for v in variants)}
         if looped:
             impls["looped"] = lambda x, w, g: packed.looped_matmul(x, w, g, dtype)
     else:
@@ -214,22 +250,33 @@ def expert_matmuls(cfg: ModelConfig, dtype, packed_experts: bool, batches: list[
         impls = {"gathered": moe.gathered_matmul}
     rows = []
     for batch in batches:
-        sizes = jnp.asarray(_routing(cfg, batch, seed=batch))
+        group_sizes = jnp.asarray(_routing(cfg, batch, seed=batch))
         a = batch * cfg.experts_per_token
         x1 = jax.random.normal(key, (a, d), jnp.float32).astype(dtype)
         x2 = jax.random.normal(key, (a, f), jnp.float32).astype(dtype)
-        distinct = int(np.count_nonzero(np.asarray(sizes)))
+        distinct = int(np.count_nonzero(np.asarray(group_sizes)))
         need = distinct * (expert_bytes(cfg, packed_experts, jnp.dtype(dtype).itemsize) - sizes(cfg)["expert_b"] * 4)
+        reference = None
         for name, impl in impls.items():
             step = jax.jit(lambda x1, x2, g, w1, w2, impl=impl: (impl(x1, w1, g), impl(x2, w2, g)))
-            seconds = best_time(lambda step=step, x1=x1, x2=x2, sizes=sizes: step(x1, x2, sizes, w1, w2), reps)
+            try:
+                seconds = best_time(lambda step=step, x1=x1, x2=x2, gs=group_sizes: step(x1, x2, gs, w1, w2), reps)
+            except Exception as err:  # noqa: BLE001 - one failing variant must not end the run
+                print(f"  expert matmul b{batch} {name:28s} failed: {type(err).__name__}: {str(err)[:300]}",
+                      flush=True)
+                continue
             rows.append({"batch": batch, "impl": name, "rows": a, "distinct_experts": distinct,
                          "seconds": seconds, "bytes": need, "fraction_of_bound": need / bandwidth / seconds,
-                         "ops": _compiled_ops(step, x1, x2, sizes, w1, w2)})
+                         "ops": _compiled_ops(step, x1, x2, group_sizes, w1, w2)})
             if hlo_dir is not None and batch == 1:
-                (hlo_dir / f"hlo_matmul_{name}.txt").write_text(step.lower(x1, x2, sizes, w1, w2).compile().as_text())
-            print(f"  expert matmul b{batch} {name:16s} {seconds * 1e6:9.1f} us  {need / 2**20:8.1f} MiB  "
-                  f"{need / bandwidth / seconds:5.2f} of bound   [{rows[-1]['ops']}]", flush=True)
+                text = step.lower(x1, x2, group_sizes, w1, w2).compile().as_text()
+                (hlo_dir / f"hlo_matmul_{name}.txt").write_text(text)
+            out = np.concatenate([np.asarray(y, np.float32) for y in step(x1, x2, group_sizes, w1, w2)], axis=1)
+            if reference is None:
+                reference = out  # the first implementation's: every other one is checked against it, here
+            rows[-1]["max_rel_diff"] = diff = float(np.abs(out - reference).max() / np.abs(reference).max())
+            print(f"  expert matmul b{batch} {name:28s} {seconds * 1e6:9.1f} us  {need / 2**20:8.1f} MiB  "
+                  f"{need / bandwidth / seconds:5.2f} of bound  max|Δ| {diff:.1e}  [{rows[-1]['ops']}]", flush=True)
     return rows
 
 
@@ -269,6 +316,7 @@ def run_batch(model: GptOss, cfg: ModelConfig, batch: int, args, cache_dtype) ->
         t0 = time.perf_counter()
         jax.block_until_ready(prefill_rows(model, cfg, prompt[:1], slots, chunk, cache_dtype))  # compiles (once)
         first_prefill = time.perf_counter() - t0
+        print(f"  after the first prefill: {_memory_line()}", flush=True)
         t0 = time.perf_counter()
         logits, caches = jax.block_until_ready(prefill_rows(model, cfg, prompt, slots, chunk, cache_dtype))
         prefill_s = time.perf_counter() - t0
@@ -291,16 +339,59 @@ def run_batch(model: GptOss, cfg: ModelConfig, batch: int, args, cache_dtype) ->
         tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     jax.block_until_ready(tokens)
     warm_s = time.perf_counter() - t0
+    print(f"  after {args.warmup} decode steps (the first compiles): {_memory_line()}", flush=True)
     t0 = time.perf_counter()
     for i in range(steps):
         logits, caches = decode_step(model, tokens, position + args.warmup + i, caches)
         tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     jax.block_until_ready(tokens)
     decode_s = (time.perf_counter() - t0) / steps
+    if args.profile and batch == int(args.batches.split(",")[0]):
+        def more_steps():
+            nonlocal tokens, caches
+            for i in range(args.profile):
+                logits, caches = decode_step(model, tokens, position + args.warmup + steps + i, caches)
+                tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            jax.block_until_ready(tokens)
+        profile_steps(more_steps, args.profile)
     return {"batch": batch, "context": context, "cache_slots": slots, "cache_bytes": cache_bytes(caches),
             "prefill_tok_s": batch * context / prefill_s, "prefill_first_s": first_prefill,
             "decode_warmup_s": warm_s, "decode_step_s": decode_s, "decode_tok_s": batch / decode_s,
             "mid_position": context + args.warmup + steps // 2}
+
+
+def profile_steps(run, steps: int, top: int = 14) -> None:
+    """Trace `run` (`steps` decode steps) with jax.profiler and print, per step, the device's kernel time by kernel
+    name (the largest `top`), the sum over all kernels and the wall time: what the step spends where."""
+    import tempfile
+
+    from jax.profiler import ProfileData
+
+    with tempfile.TemporaryDirectory() as d:
+        t0 = time.perf_counter()
+        with jax.profiler.trace(d):
+            run()
+        wall = time.perf_counter() - t0
+        [path] = Path(d).rglob("*.xplane.pb")
+        data = ProfileData.from_file(str(path))
+    totals: dict[str, list[float]] = {}
+    for plane in data.planes:
+        if not plane.name.startswith("/device:"):
+            continue
+        for line in plane.lines:
+            if "stream" not in line.name.lower() or "memcpy" in line.name.lower():
+                continue
+            for ev in line.events:
+                t = totals.setdefault(ev.name, [0.0, 0])
+                t[0] += ev.duration_ns
+                t[1] += 1
+    busy, launches = sum(t for t, _ in totals.values()), sum(c for _, c in totals.values())
+    print(f"  profile of {steps} steps: kernels {busy / steps / 1e6:.2f} ms/step, {launches / steps:.0f} launches/step;"
+          f" wall {wall / steps * 1e3:.2f} ms/step (traced); device lines: "
+          + "; ".join(f"{p.name}: {', '.join(x.name for x in p.lines)}" for p in data.planes
+                      if p.name.startswith("/device:"))[:600], flush=True)
+    for name, (t, c) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]:
+        print(f"    {t / steps / 1e3:8.1f} us/step  {c / steps:5.1f}x  {name[:90]}", flush=True)
 
 
 def main() -> None:
@@ -316,14 +407,17 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3, help="decode steps before timing (the first compiles)")
     p.add_argument("--reps", type=int, default=10, help="timed repetitions of each expert matmul (best)")
     p.add_argument("--skip-matmul", action="store_true", help="no expert-matmul timings")
-    p.add_argument("--variants", default="words,kernel64,kernel32,kernel64x1",
-                   help="packed few-rows matmuls to time (of: " + ", ".join(GATHERED) + ")")
+    p.add_argument("--variants", default="words,wordsbits,kernel,kernelfloat,kernel-*",
+                   help="packed few-rows matmuls to time, the first checked against (NAME* for every NAME...): "
+                        + ", ".join(GATHERED))
     p.add_argument("--looped", action="store_true", help="also time the looped packed matmul at decode shapes")
     p.add_argument("--gathered", choices=["auto", "default", *GATHERED], default="default",
                    help="the packed few-rows matmul the model uses (default: the library's choice; auto: the "
                         "fastest at the first batch size in the timings)")
     p.add_argument("--no-prefill", dest="prefill", action="store_false",
                    help="decode from a cache of random keys/values instead of a timed prefill (no prefill compile)")
+    p.add_argument("--profile", type=int, default=0, help="trace this many more decode steps at the first batch "
+                   "size and print the device time per kernel")
     p.add_argument("--hlo-dir", type=Path, default=None, help="write compiled HLO of the decode step here")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args()
