@@ -1,0 +1,30 @@
+"""The GPU benchmark script runs end to end on the tiny preset here (CI has no GPU: a crash in it would otherwise
+show only on a lent device)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_device_decode_runs_on_the_tiny_preset(tmp_path):
+    """Expert-matmul variants (XLA gathered and the Pallas kernel, interpreted) agree, the model decodes, and the
+    profile and JSON are written."""
+    out = tmp_path / "result.json"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    run = subprocess.run(
+        [sys.executable, "benchmarks/device_decode.py", "--model", "tiny", "--batches", "1", "--steps", "1",
+         "--warmup", "1", "--reps", "1", "--variants", "words,kernel", "--no-prefill", "--profile", "1",
+         "--json", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    print(run.stdout)
+    result = json.loads(out.read_text())
+    assert [r["impl"] for r in result["expert_matmul"]] == ["gathered-words", "gathered-kernel"]
+    assert all(r["max_rel_diff"] <= 1e-6 for r in result["expert_matmul"])
+    [decoded] = result["runs"]
+    assert decoded["batch"] == 1 and decoded["decode_tok_s"] > 0
+    assert "profile of 1 steps" in run.stdout
