@@ -36,22 +36,50 @@ class Sampling:
     seed: int = 0
 
 
-def sample(logits: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
-    """logits [B, V] -> token ids [B] int32."""
-    if s.temperature <= 0.0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+def filter_logits(logits: jax.Array, s: Sampling) -> jax.Array:
+    """logits [B, V] -> float32 logits / temperature, -inf outside the top-k and outside the top-p nucleus (the
+    smallest set of the most likely tokens whose probability reaches top_p; the most likely token always stays)."""
     logits = logits.astype(jnp.float32) / s.temperature
     if s.top_k > 0:
-        kth = jax.lax.top_k(logits, s.top_k)[0][:, -1:]
+        # the min of all k values, not the k-th alone: XLA:CPU turns a lone k-th value into a full sort (~45 ms)
+        kth = jnp.min(jax.lax.top_k(logits, s.top_k)[0], axis=-1, keepdims=True)
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     if s.top_p < 1.0:
-        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-        cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-        cutoff_index = jnp.sum(cum < s.top_p, axis=-1, keepdims=True)
-        cutoff = jnp.take_along_axis(sorted_logits, cutoff_index, axis=-1)
-        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+        logits = jnp.where(_ordered(logits) < _nucleus_threshold(logits, s.top_p), -jnp.inf, logits)
+    return logits
+
+
+def _ordered(x: jax.Array) -> jax.Array:
+    """float32 -> int32 in the same order (the sign-magnitude bits made two's complement)."""
+    i = jax.lax.bitcast_convert_type(x, jnp.int32)
+    return i ^ ((i >> 31) & 0x7FFFFFFF)
+
+
+def _nucleus_threshold(logits: jax.Array, top_p: float) -> jax.Array:
+    """[B, V] -> [B, 1]: the largest t (in `_ordered` values) whose tokens at or above it hold >= top_p of the
+    probability. A bisection over the 2^32 orderings, 32 masked sums over V: no sort of the vocabulary (~45 ms on
+    CPU for 201,088 tokens, where this takes ~2 ms)."""
+    probs = jax.nn.softmax(logits, axis=-1)
+    keys = _ordered(logits)
+    lo = jnp.min(keys, axis=-1, keepdims=True)  # everything at or above it: mass 1
+    hi = jnp.max(keys, axis=-1, keepdims=True)  # the most likely token: kept whatever its mass
+
+    def step(_, bounds):
+        lo, hi = bounds
+        mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1) + ((lo ^ hi) & 1)  # ceil((lo + hi) / 2) without overflow
+        enough = jnp.sum(jnp.where(keys >= mid, probs, 0.0), axis=-1, keepdims=True) >= top_p
+        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid - 1)
+
+    lo, _ = jax.lax.fori_loop(0, 32, step, (lo, hi))
+    return lo
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def sample(logits: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
+    """logits [B, V] -> token ids [B] int32, one compiled call."""
+    if s.temperature <= 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, filter_logits(logits, s), axis=-1).astype(jnp.int32)
 
 
 class SplitModel(NamedTuple):

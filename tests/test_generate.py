@@ -15,7 +15,7 @@ from convert.reader import load_params
 from convert.synthetic import make_checkpoint
 from oss_jax import cli, data
 from oss_jax.cache import init_cache
-from oss_jax.generate import GenerationError, Sampling, decode_step, generate, prefill_step
+from oss_jax.generate import GenerationError, Sampling, decode_step, filter_logits, generate, prefill_step
 from oss_jax.model import forward, model_from_params
 from oss_jax.session import Session
 from oss_jax.sharding import make_mesh, shard_model
@@ -228,6 +228,34 @@ def test_sampling_is_seeded_and_filters(model, prompts, greedy):
     for s in (Sampling(temperature=1.5, top_k=1, seed=3), Sampling(temperature=1.5, top_p=1e-6, seed=3)):
         assert generate(model, prompts[:2], max_new_tokens=12, sampling=s, stop_tokens=()) == [g[:12] for g in
                                                                                                  greedy[:2]]
+
+
+def _kept_float64(logits: np.ndarray, s: Sampling) -> np.ndarray:
+    """What temperature + top-k + top-p keep [B, V], by sorting in float64."""
+    x = logits.astype(np.float64) / s.temperature
+    keep = np.ones_like(x, bool)
+    if s.top_k:
+        keep &= x >= np.sort(x, axis=-1)[:, -s.top_k][:, None]
+    if s.top_p < 1:
+        order = np.argsort(-np.where(keep, x, -np.inf), axis=-1)
+        p = np.where(keep, np.exp(x - x.max(axis=-1, keepdims=True)), 0.0)
+        cum = np.cumsum(np.take_along_axis(p / p.sum(axis=-1, keepdims=True), order, axis=-1), axis=-1)
+        nucleus = np.zeros_like(keep)
+        for row, (o, n) in enumerate(zip(order, np.sum(cum < s.top_p, axis=-1) + 1, strict=True)):
+            nucleus[row, o[:n]] = True
+        keep &= nucleus
+    return keep
+
+
+@pytest.mark.parametrize("vocab", [1000, 201_088])
+def test_sampling_filters_keep_what_a_sort_keeps(vocab):
+    """top-k (k-th value from all k) and top-p (a bisection, no sort) keep exactly the tokens a float64 sort keeps."""
+    logits = (np.random.default_rng(vocab).standard_normal((4, vocab)) * 2.5).astype(np.float32)
+    for s in (Sampling(0.8, top_k=5), Sampling(1.0, top_p=0.5), Sampling(0.7, top_k=200, top_p=0.9),
+              Sampling(1.3, top_p=0.95), Sampling(1.0, top_p=1e-6)):
+        kept = np.isfinite(np.asarray(jax.jit(filter_logits, static_argnums=1)(jnp.asarray(logits), s)))
+        print(f"V {vocab} top_k {s.top_k} top_p {s.top_p}: kept {kept.sum(axis=-1).tolist()}")
+        np.testing.assert_array_equal(kept, _kept_float64(logits, s))
 
 
 def test_stops_at_a_stop_token(model, prompts, greedy):
