@@ -196,21 +196,33 @@ def prefill(model: SplitModel, prompts: Sequence[Sequence[int]], caches: list[La
     return last_logits, caches
 
 
+def pipelined() -> bool:
+    """Whether `decode` queues the next step before reading the current token back (accelerators: the host's
+    Python then runs while the device computes; on CPU both share the cores, and a stop would waste a whole step)."""
+    return jax.default_backend() != "cpu"
+
+
 def decode(model: SplitModel, logits: jax.Array, caches: list[LayerCache], lengths: Sequence[int],
            max_new_tokens: int, sampling: Sampling, stop_tokens: Sequence[int],
            on_token: Callable[[np.ndarray, np.ndarray], np.ndarray | None] | None
            ) -> tuple[list[list[int]], list[LayerCache]]:
     """Sample from the prompts' last logits [B, V], then decode one token per step (prompt i holds `lengths[i]`
-    tokens) -> new tokens per row, and the caches. With one row, they hold every new token but the last; with more,
-    a row that stopped early keeps being fed (its extra tokens are dropped from the output, not from the cache)."""
+    tokens) -> new tokens per row, and the caches. With one row, they hold every new token but the last (where a
+    stop ended it early and steps are `pipelined`, the last too); with more, a row that stopped early keeps being
+    fed (its extra tokens are dropped from the output, not from the cache)."""
     batch, lengths = logits.shape[0], np.asarray(lengths, np.int32)
     key = jax.random.key(sampling.seed)
     out = np.zeros((batch, max_new_tokens), np.int32)
     done = np.zeros(batch, bool)
     ended = np.full(batch, max_new_tokens)  # tokens kept per row
+    ahead = pipelined()
     for step in range(max_new_tokens):
         key, sub = jax.random.split(key)
-        ids = np.asarray(sample(logits, sub, sampling))
+        sampled = sample(logits, sub, sampling)
+        last = step == max_new_tokens - 1
+        if ahead and not last:  # queued before the host waits for `sampled`
+            logits, caches = decode_step(model, sampled, jnp.asarray(lengths + step), caches)
+        ids = np.asarray(sampled)
         out[:, step] = ids
         finished_now = ~done & np.isin(ids, stop_tokens)
         if on_token is not None:
@@ -219,7 +231,8 @@ def decode(model: SplitModel, logits: jax.Array, caches: list[LayerCache], lengt
                 finished_now |= ~done & np.asarray(stop, bool)
         ended[finished_now] = step + 1
         done |= finished_now
-        if done.all() or step == max_new_tokens - 1:
+        if done.all() or last:
             break
-        logits, caches = decode_step(model, jnp.asarray(ids), jnp.asarray(lengths + step), caches)
+        if not ahead:
+            logits, caches = decode_step(model, jnp.asarray(ids), jnp.asarray(lengths + step), caches)
     return [out[i, : ended[i]].tolist() for i in range(batch)], caches

@@ -264,6 +264,37 @@ def test_stops_at_a_stop_token(model, prompts, greedy):
     assert out == greedy[1][: greedy[1].index(stop) + 1]
 
 
+def test_pipelined_decoding_gives_the_same_tokens(model, prompts, greedy, monkeypatch):
+    """Accelerators queue each decode step before reading the sampled token back (forced here): the same tokens as
+    step by step, batched with a stop token, sampled, stopped by `on_token`, and through a session whose first turn
+    ended on a stop (its cache then holds that token too, which the next turn's prefill overwrites)."""
+    from oss_jax import generate as generate_module
+    from oss_jax import session as session_module
+
+    hot = Sampling(temperature=1.5, seed=7)
+    sampled = generate(model, prompts[:2], max_new_tokens=12, sampling=hot, stop_tokens=())
+    monkeypatch.setattr(generate_module, "pipelined", lambda: True)
+    stop = greedy[1][5]
+    want = [g[: g.index(stop) + 1] if stop in g else g for g in greedy]
+    assert generate(model, prompts, max_new_tokens=NEW, stop_tokens=(stop,)) == want
+    assert generate(model, prompts[:2], max_new_tokens=12, sampling=hot, stop_tokens=()) == sampled
+    calls = []
+
+    def stop_after_four(ids, done):
+        calls.append(ids)
+        return np.full(len(ids), len(calls) == 4)
+
+    assert generate(model, prompts[1:2], max_new_tokens=NEW, stop_tokens=(), on_token=stop_after_four) == [
+        greedy[1][:4]]
+    monkeypatch.setattr(session_module, "MIN_SLOTS", 128)
+    chat = Session(model)
+    assert chat.generate(prompts[1], max_new_tokens=NEW, stop_tokens=(stop,)) == greedy[1][:6]
+    p2 = prompts[1] + greedy[1][:6] + prompts[2]
+    assert chat.generate(p2, max_new_tokens=8, stop_tokens=()) == generate(model, [p2], max_new_tokens=8,
+                                                                            stop_tokens=())[0]
+    assert chat.reused == len(prompts[1]) + 5
+
+
 @pytest.mark.parametrize("bad, message", [
     ([[]], "prompt 0 is empty"),
     ([[1, 2, 201088]], "token id 201088 outside the vocabulary"),
