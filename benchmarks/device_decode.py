@@ -197,34 +197,26 @@ def _gathered_rows(x, w, group_sizes):
     return jnp.where(valid[:, None], jnp.stack(out), 0.0)
 
 
-def _gathered_words_bits(x, w, group_sizes):
-    """`packed.gathered_matmul` decoding with integer ops (`packed.twice_fp4_bits`) instead of float selects."""
-    e, width, n = w.shape
-    a, g = x.shape[0], width // mxfp4.GROUP
-    ids, valid = packed.row_experts(group_sizes, a)
-    words = jax.lax.bitcast_convert_type(w.blocks.reshape(e, n, g, 4, 4), jnp.uint32)
-    codes = (words[ids][..., None] >> (4 * jnp.arange(8, dtype=jnp.uint32))) & 15
-    xs = x.astype(jnp.float32).reshape(a, 1, g, 4, 8)
-    half = packed._half_scale(w.scales[ids])[..., None, None]
-    y = jnp.sum(packed.twice_fp4_bits(codes) * xs * half, axis=(2, 3, 4))
-    return jnp.where(valid[:, None], y, 0.0)
-
-
-def _kernel_float_decode(x, w, group_sizes):
-    """`packed.kernel_matmul` decoding with `packed._twice_fp4` (float selects), for the decode's share of its time
-    (swapped while tracing)."""
-    saved, packed.twice_fp4_bits = packed.twice_fp4_bits, packed._twice_fp4
-    try:
-        return packed.kernel_matmul(x, w, group_sizes)
-    finally:
-        packed.twice_fp4_bits = saved
+def _decoding_with(matmul, name: str, decode):
+    """`matmul` with `packed.<name>` (its fp4 decoding) swapped for `decode` while it traces: the decoding's share
+    of its time."""
+    def swapped(x, w, group_sizes):
+        saved = getattr(packed, name)
+        setattr(packed, name, decode)
+        try:
+            return matmul(x, w, group_sizes)
+        finally:
+            setattr(packed, name, saved)
+    return swapped
 
 
 # kernel-R{block_rows}-G{step_groups}-P{programs}-W{warps}: `packed.kernel_matmul` tilings
 KERNELS = [(64, 2, 2048, 4), (128, 2, 2048, 8), (256, 2, 1024, 8), (32, 2, 8192, 2), (128, 2, 4096, 4),
            (128, 1, 2048, 8)]
 GATHERED = {"words": packed.gathered_matmul, "bytes": _gathered_bytes, "rows": _gathered_rows,
-            "wordsbits": _gathered_words_bits, "kernel": packed.kernel_matmul, "kernelfloat": _kernel_float_decode,
+            "wordsbits": _decoding_with(packed.gathered_matmul, "_twice_fp4", packed.twice_fp4_bits),
+            "kernel": packed.kernel_matmul,
+            "kernelfloat": _decoding_with(packed.kernel_matmul, "twice_fp4_bits", packed._twice_fp4),
             **{f"kernel-R{r}-G{g}-P{p}-W{wp}": functools.partial(packed.kernel_matmul, block_rows=r, step_groups=g,
                                                                  programs=p, warps=wp)
                for r, g, p, wp in KERNELS}}

@@ -179,8 +179,12 @@ def test_accelerator_expert_paths_equal_the_cpu_paths(cfg, params, tokens, shape
 
         # GPUs' form differs from other accelerators' only for packed decode rows (the Pallas kernel), which expert
         # parallelism never has (dropless dispatch: more rows than local experts)
-        forms = ("tpu", "gpu") if packed_experts and "expert" not in shape else ("tpu",)
-        forms = ("gpu",) if "tensor" in shape else forms  # the kernel under shard_map is what this mesh adds
+        if "tensor" in shape:
+            forms = ("gpu",)  # the kernel under shard_map is what this mesh adds
+        elif packed_experts and "expert" not in shape:
+            forms = ("tpu", "gpu")
+        else:
+            forms = ("tpu",)
         with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
             want = run()
             for form in forms:
