@@ -233,6 +233,6 @@ def decode(model: SplitModel, logits: jax.Array, caches: list[LayerCache], lengt
         done |= finished_now
         if done.all() or last:
             break
-        if not ahead:
-            logits, caches = decode_step(model, jnp.asarray(ids), jnp.asarray(lengths + step), caches)
+        if not ahead:  # the device's own copy of the token, not the host's uploaded again
+            logits, caches = decode_step(model, sampled, jnp.asarray(lengths + step), caches)
     return [out[i, : ended[i]].tolist() for i in range(batch)], caches
