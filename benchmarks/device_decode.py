@@ -236,6 +236,7 @@ def expert_matmuls(cfg: ModelConfig, dtype, packed_experts: bool, batches: list[
                  if k in variants or any(v.endswith("*") and k.startswith(v[:-1]) for v in variants)}
         if looped:
             impls["looped"] = lambda x, w, g: packed.looped_matmul(x, w, g, dtype)
+            impls["fixed"] = lambda x, w, g: packed.fixed_loop_matmul(x, w, g, dtype)
     else:
         w1 = _fill_jit(key, "normal", (e, d, 2 * f), jnp.dtype(dtype))
         w2 = _fill_jit(key, "normal", (e, f, d), jnp.dtype(dtype))
@@ -402,7 +403,8 @@ def main() -> None:
     p.add_argument("--variants", default="words,wordsbits,kernel,kernelfloat,kernel-*",
                    help="packed few-rows matmuls to time, the first checked against (NAME* for every NAME...): "
                         + ", ".join(GATHERED))
-    p.add_argument("--looped", action="store_true", help="also time the looped packed matmul at decode shapes")
+    p.add_argument("--looped", action="store_true", help="also time the packed many-rows matmuls at decode shapes "
+                   "(looped: CPU's; fixed: accelerators' for prefill)")
     p.add_argument("--gathered", choices=["auto", "default", *GATHERED], default="default",
                    help="the packed few-rows matmul the model uses (default: the library's choice; auto: the "
                         "fastest at the first batch size in the timings)")

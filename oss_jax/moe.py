@@ -48,14 +48,17 @@ def swiglu(h: jax.Array, limit: float, alpha: float) -> jax.Array:
 def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
     """lhs [A, D] (rows grouped by expert, sizes [E]) x rhs [E, D, N] -> [A, N] float32; rows past the groups -> 0.
 
-    `jax.lax.ragged_dot`, except on CPU, where XLA lowers it to a dense product against every expert (E times the
-    work and an [E, A, D] buffer): there, `tiled_grouped_matmul`, with a tiled VJP (gradients of lhs and rhs). On
-    accelerators with at most E rows (decode), `gathered_matmul`.
+    On CPU and GPUs, `tiled_grouped_matmul`, with a tiled VJP (gradients of lhs and rhs): XLA expands
+    `jax.lax.ragged_dot` there into a dense product against every expert, E times the work and an [E, A, D] buffer
+    (on GPUs unless cuDNN takes it, which needs a bf16 output; XLA's RaggedDotRewriter). On TPUs,
+    `jax.lax.ragged_dot`. On accelerators with at most E rows (decode), `gathered_matmul`.
     """
     if packed.on_cpu():
         return _tiled_grouped_matmul(lhs, rhs, group_sizes)
     if lhs.shape[0] <= rhs.shape[0]:
         return gathered_matmul(lhs, rhs, group_sizes)
+    if packed.backend() == "gpu":
+        return _tiled_grouped_matmul(lhs, rhs, group_sizes)
     return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=jnp.float32)
 
 
@@ -77,6 +80,22 @@ def row_tile(a: int, num_experts: int) -> int:
     return 1 if 4 * a <= num_experts else TILE
 
 
+def tiling(a: int, num_experts: int, k: int, n: int, itemsize: int) -> tuple[int, tuple[int, ...], int, int | None]:
+    """How `tiled_grouped_matmul` splits A rows over E experts against [K, N] weights: (full tile, tile sizes, weight
+    rows per inner step, fixed trip count or None).
+
+    CPU: `row_tile`, remainders in `tile_sizes`, CHUNK_BYTES of weight at a time, exactly the routing's tiles.
+    Accelerators: one tile size (`packed.row_tile`, up to `packed.ACCELERATOR_TILE` rows), whole weights, and the
+    most tiles any routing makes (`packed.most_tiles`): a loop whose count is data makes XLA:GPU wait on the host at
+    every step.
+    """
+    if packed.on_cpu():
+        tile = row_tile(a, num_experts)
+        return tile, tile_sizes(tile), _chunk_rows(k, n, itemsize), None
+    tile = packed.row_tile(a, num_experts, packed.ACCELERATOR_TILE)
+    return tile, (tile,), k, packed.most_tiles(a, num_experts, tile)
+
+
 def tile_sizes(tile: int) -> tuple[int, ...]:
     """Rows a tile may have: a full tile, or what a remainder rounds up to (powers of two, and 3/4 of a full tile)."""
     return tuple(sorted({2**i for i in range(tile.bit_length()) if 2**i < tile} | {3 * tile // 4, tile} - {0}))
@@ -90,12 +109,12 @@ def tiled_grouped_matmul(lhs: jax.Array, weight: Callable[[jax.Array], jax.Array
     smallest of `tile_sizes` that holds the remainder (less padding than remainder), so no row meets a second
     expert; one loop per tile size. `weight` is called (with a traced int32 j) only inside the tiles, so only for
     experts that have rows; its rows are taken CHUNK_BYTES at a time. One-row tiles (decode) run unrolled, so that
-    XLA's cost analysis counts their work. Rows past sum(group_sizes) -> 0.
+    XLA's cost analysis counts their work. Rows past sum(group_sizes) -> 0. On accelerators, see `tiling`.
     """
     a, d = lhs.shape
     w = jax.eval_shape(weight, jax.ShapeDtypeStruct((), jnp.int32))
-    n, chunk = w.shape[1], _chunk_rows(d, w.shape[1], w.dtype.itemsize)
-    tile = row_tile(a, num_experts)
+    n = w.shape[1]
+    tile, sizes, chunk, trips = tiling(a, num_experts, d, n, w.dtype.itemsize)
     x = jnp.pad(lhs, ((0, tile), (0, 0)))
 
     def tile_body(s: int):
@@ -107,9 +126,9 @@ def tiled_grouped_matmul(lhs: jax.Array, weight: Callable[[jax.Array], jax.Array
         return body
 
     out = _zeros_varying_like((a + tile, n), lhs, group_sizes, w)
-    unroll = a if tile == 1 else None
-    for s, count, first, ends in _tile_plan(group_sizes, tile, tile_sizes(tile)):
-        out = _for_tiles(s, count, first, ends, tile_body(s), out, unroll)
+    unroll = a if tile == 1 and trips is None else None
+    for s, count, first, ends in _tile_plan(group_sizes, tile, sizes):
+        out = _for_tiles(s, count, first, ends, tile_body(s), out, unroll, trips)
     return out[:a]
 
 
@@ -139,17 +158,21 @@ def _tile_plan(group_sizes: jax.Array, tile: int, sizes: tuple[int, ...]):
             yield s, (rounded == s).astype(jnp.int32), starts + full * tile, ends
 
 
-def _for_tiles(s: int, count: jax.Array, first: jax.Array, ends: jax.Array, body, carry, unroll: int | None = None):
+def _for_tiles(s: int, count: jax.Array, first: jax.Array, ends: jax.Array, body, carry, unroll: int | None = None,
+               trips: int | None = None):
     """carry = body(carry, expert, first row, valid rows) over every tile of s rows (count [E] of them per expert).
 
-    A loop with a traced trip count; with `unroll`, that many conditional steps instead (a static upper bound)."""
+    A loop with a traced trip count; with `unroll`, that many conditional steps instead (a static upper bound); with
+    `trips`, a loop of that many steps, those past the last tile with no valid rows (body must leave carry as is)."""
     tile_end = jnp.cumsum(count)
 
     def step(t, carry):
-        j = jnp.searchsorted(tile_end, t, side="right", method="compare_all").astype(jnp.int32)
+        j = jnp.minimum(jnp.searchsorted(tile_end, t, side="right", method="compare_all"), count.shape[0] - 1)
         row0 = first[j] + (t - tile_end[j] + count[j]) * s
-        return body(carry, j, row0, ends[j] - row0)
+        return body(carry, j.astype(jnp.int32), row0, ends[j] - row0)
 
+    if trips is not None:
+        return jax.lax.fori_loop(0, trips, step, carry)
     if unroll is None:
         return jax.lax.fori_loop(0, tile_end[-1], step, carry)
     for t in range(unroll):
@@ -192,8 +215,7 @@ def _tiled_weight_grad(lhs: jax.Array, g: jax.Array, num_experts: int, group_siz
     remainders in full tiles, zero rows past the group)."""
     a, d = lhs.shape
     n = g.shape[1]
-    tile = row_tile(a, num_experts)
-    chunk = _chunk_rows(d, n, 4)
+    tile, _, chunk, trips = tiling(a, num_experts, d, n, 4)
     x, gp = (jnp.pad(v, ((0, tile), (0, 0))) for v in (lhs, g))
 
     def body(dw, j, row0, valid):
@@ -211,7 +233,7 @@ def _tiled_weight_grad(lhs: jax.Array, g: jax.Array, num_experts: int, group_siz
 
     dw = _zeros_varying_like((num_experts, d, n), lhs, g, group_sizes)
     (_, count, first, ends), = _tile_plan(group_sizes, tile, (tile,))
-    return _for_tiles(tile, count, first, ends, body, dw)
+    return _for_tiles(tile, count, first, ends, body, dw, trips=trips)
 
 
 @jax.custom_vjp

@@ -128,6 +128,12 @@ def row_tile(a: int, num_experts: int, most: int = 64) -> int:
     return min(most, 1 << (-(-a // num_experts) - 1).bit_length())
 
 
+def most_tiles(a: int, num_experts: int, tile: int) -> int:
+    """The most tiles of `tile` rows, each of one expert, that A rows over E experts can need: each expert with rows
+    rounds up by at most tile - 1, and at most min(A, E) have rows."""
+    return (a + min(a, num_experts) * (tile - 1)) // tile
+
+
 def backend() -> str:
     """The backend whose forms the expert matmuls take: "cpu", "gpu" or another accelerator's (read while tracing;
     tests force the accelerators' forms on CPU)."""
@@ -144,19 +150,25 @@ def grouped_matmul(lhs: jax.Array, w: MXFP4, group_sizes: jax.Array, dtype: jnp.
     """lhs [A, in] (rows grouped by expert, sizes [E]) x packed w [E, in, out] -> [A, out] float32; rows past the
     groups -> 0. Inference only (no gradient).
 
-    With at most E rows (decode): on GPUs `kernel_matmul`, on other accelerators `gathered_matmul`; otherwise (and
-    always on CPU) `looped_matmul`. Inside shard_map with `tensor_axis`, lhs may hold only this device's slice of
-    `in` (mlp2 whose F groups are not split over the axis): it is placed at its offset in zero rows of full width.
+    On CPU `looped_matmul`. On GPUs, up to KERNEL_ROWS_PER_EXPERT x E rows (decode, and an expert-parallel shard's
+    dispatch buffer, mostly padding rows, when decoding) `kernel_matmul`; on other accelerators, up to E rows
+    `gathered_matmul`. More rows (prefill): `fixed_loop_matmul`.
+
+    Inside shard_map with `tensor_axis`, lhs may hold only this device's slice of `in` (mlp2 whose F groups are not
+    split over the axis): it is placed at its offset in zero rows of full width.
     """
     e, width, _ = w.shape
     x = lhs.astype(dtype)
     if x.shape[1] != width:
         offset = jax.lax.axis_index(tensor_axis) * x.shape[1]
         x = jax.lax.dynamic_update_slice_in_dim(jnp.zeros((x.shape[0], width), dtype), x, offset, 1)
-    if not on_cpu() and x.shape[0] <= e:
-        few_rows = kernel_matmul if backend() == "gpu" else gathered_matmul
-        return few_rows(x, w, group_sizes)
-    return looped_matmul(x, w, group_sizes, dtype)
+    if on_cpu():
+        return looped_matmul(x, w, group_sizes, dtype)
+    if backend() == "gpu" and x.shape[0] <= KERNEL_ROWS_PER_EXPERT * e:
+        return kernel_matmul(x, w, group_sizes)
+    if x.shape[0] <= e:
+        return gathered_matmul(x, w, group_sizes)
+    return fixed_loop_matmul(x, w, group_sizes, dtype)
 
 
 def row_experts(group_sizes: jax.Array, a: int) -> tuple[jax.Array, jax.Array]:
@@ -191,6 +203,10 @@ KERNEL_ROWS = 64  # output rows per program of `kernel_matmul`
 KERNEL_STEP_GROUPS = 2  # input groups a program reads per loop step: 32 bytes of each output row, a whole sector
 KERNEL_PROGRAMS = 2048  # split `in` over programs until about this many run: enough loads in flight on a GPU
 KERNEL_WARPS = 4  # warps per program; 2-8 with other tilings measured within the run-to-run spread on an H100
+# GPUs take `kernel_matmul` up to this many rows per expert: it reads a row's expert's packed bytes once per row in
+# a group (none for padding rows), where `fixed_loop_matmul` decodes E to 2E whole experts, writing and reading back
+# ~8.5x their packed bytes in bf16
+KERNEL_ROWS_PER_EXPERT = 8
 _FP4_TABLE = 0xC8643210  # nibble c of this word: 2 x |fp4 code c| for c in 0-7 (0, 1, 2, 3, 4, 6, 8, 12)
 _MAGIC = 0x4B000000  # float32 2^23: OR-ing an integer m < 2^23 into its mantissa gives 2^23 + m
 
@@ -228,7 +244,8 @@ def kernel_matmul(x: jax.Array, w: MXFP4, group_sizes: jax.Array, block_rows: in
     Grid: row x `block_rows` output rows x a split of the input groups (`kernel_plan`). A program reads its row's
     expert's packed bytes `step_groups` groups at a time, [block_rows, step_groups, 16] (contiguous within each
     output row), decodes both nibbles in registers (`twice_fp4_bits`), multiplies the even and odd input columns,
-    sums each group and applies its scale; the splits' partial sums are added after.
+    sums each group and applies its scale; the splits' partial sums are added after. Rows past the groups (padding)
+    loop zero times: they read nothing.
     """
     e, width, n = w.shape
     a, g = x.shape[0], width // mxfp4.GROUP
@@ -237,7 +254,7 @@ def kernel_matmul(x: jax.Array, w: MXFP4, group_sizes: jax.Array, block_rows: in
     ids, valid = row_experts(group_sizes, a)
     even, odd = (h.astype(jnp.float32).reshape(a, g, mxfp4.BYTES_PER_GROUP) for h in split_columns(x))
 
-    def kernel(ids_ref, even_ref, odd_ref, blocks_ref, scales_ref, out_ref):
+    def kernel(ids_ref, valid_ref, even_ref, odd_ref, blocks_ref, scales_ref, out_ref):
         row, expert = pl.program_id(0), ids_ref[pl.program_id(0)]
         outs = pl.ds(pl.program_id(1) * block_rows, block_rows)
         first = pl.program_id(2) * per_split
@@ -248,29 +265,28 @@ def kernel_matmul(x: jax.Array, w: MXFP4, group_sizes: jax.Array, block_rows: in
             sums = jnp.sum(twice_fp4_bits(b & 15) * even_ref[row, groups, :][None]
                            + twice_fp4_bits(b >> 4) * odd_ref[row, groups, :][None], axis=2)  # [rows, groups]
             return acc + jnp.sum(sums * _half_scale(scales_ref[expert, outs, groups]), axis=1)
-        out_ref[...] = jax.lax.fori_loop(0, per_split // step_groups, step, jnp.zeros((block_rows,), jnp.float32))
+        steps = jnp.where(valid_ref[row] != 0, per_split // step_groups, 0)
+        out_ref[...] = jax.lax.fori_loop(0, steps, step, jnp.zeros((block_rows,), jnp.float32))
 
     partial = pl.pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct((splits, a, n), jnp.float32), grid=(a, n // block_rows, splits),
         out_specs=pl.BlockSpec((pl.squeezed, pl.squeezed, block_rows), lambda i, j, k: (k, i, j)),
         compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=3),  # Triton, not Mosaic GPU
         interpret=jax.default_backend() != "gpu" if interpret is None else interpret,
-    )(ids, even, odd, w.blocks, w.scales)
-    return jnp.where(valid[:, None], partial.sum(axis=0), 0.0)
+    )(ids, valid.astype(jnp.int32), even, odd, w.blocks, w.scales)
+    return partial.sum(axis=0)
 
 
 def looped_matmul(x: jax.Array, w: MXFP4, group_sizes: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    """`grouped_matmul` for x [A, in] of full width, as loops.
+    """`grouped_matmul` for x [A, in] of full width on CPU, as loops.
 
     Loops over the experts that hold rows, over slices of their output rows (decoded once each, low and high
     nibbles apart, into two [rows, in/2] matrices that stay in cache) and over row tiles of that expert (even input
-    columns times the low-nibble matrix plus odd columns times the high one). On accelerators a slice is the whole
-    expert (one decode per expert, where each loop step costs kernel launches) and tiles go up to 256 rows.
+    columns times the low-nibble matrix plus odd columns times the high one).
     """
     e, width, n = w.shape
-    cpu = on_cpu()
     a = x.shape[0]
-    tile, rows = row_tile(a, e, 64 if cpu else 256), n // _slices(n) if cpu else n
+    tile, rows = row_tile(a, e), n // _slices(n)
     even, odd = (jnp.pad(h, ((0, tile), (0, 0))) for h in split_columns(x))
     ends = jnp.cumsum(group_sizes)
     starts = ends - group_sizes
@@ -297,6 +313,42 @@ def looped_matmul(x: jax.Array, w: MXFP4, group_sizes: jax.Array, dtype: jnp.dty
 
     out = jax.lax.fori_loop(0, jnp.sum(group_sizes > 0), one_expert, jnp.zeros((a + tile, n), jnp.float32))
     return out[:a]
+
+
+ACCELERATOR_TILE = 256  # most rows of a tile on accelerators (`fixed_loop_matmul`, `moe.tiled_grouped_matmul`)
+
+
+def fixed_loop_matmul(x: jax.Array, w: MXFP4, group_sizes: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """`grouped_matmul` for x [A, in] of full width on accelerators: one loop whose trip count is known when
+    compiling. XLA:GPU runs such a loop without looking at the device; a loop whose count is data (`looped_matmul`'s)
+    or a conditional copies a flag to the host and waits for it every step.
+
+    Step t takes tile t of `row_tile` rows of one expert (each expert's rows in consecutive tiles, the last one
+    partly masked), decodes that expert whole and multiplies. The count is the most tiles any routing makes
+    (`most_tiles`); the steps past this routing's tiles leave the output as it is.
+    """
+    e, width, n = w.shape
+    a = x.shape[0]
+    tile = row_tile(a, e, ACCELERATOR_TILE)
+    trips = most_tiles(a, e, tile)
+    count = -(-group_sizes // tile)  # tiles per expert [E]
+    tile_end = jnp.cumsum(count)
+    ends = jnp.cumsum(group_sizes)
+    even, odd = (jnp.pad(h, ((0, tile), (0, 0))) for h in split_columns(x))
+
+    def one_tile(t, out):
+        j = jnp.minimum(jnp.searchsorted(tile_end, t, side="right", method="compare_all"), e - 1)
+        r = ends[j] - group_sizes[j] + (t - tile_end[j] + count[j]) * tile  # past every group after the last tile
+        lo, hi = (decode_nibbles(w.blocks[j], w.scales[j], high, dtype) for high in (False, True))  # [out, in/2]
+        y = (jnp.einsum("SC,NC->SN", jax.lax.dynamic_slice_in_dim(even, r, tile), lo,
+                        preferred_element_type=jnp.float32)
+             + jnp.einsum("SC,NC->SN", jax.lax.dynamic_slice_in_dim(odd, r, tile), hi,
+                          preferred_element_type=jnp.float32))
+        keep = (r + jnp.arange(tile) < ends[j])[:, None]
+        y = jnp.where(keep, y, jax.lax.dynamic_slice_in_dim(out, r, tile))
+        return jax.lax.dynamic_update_slice_in_dim(out, y, r, 0)
+
+    return jax.lax.fori_loop(0, trips, one_tile, jnp.zeros((a + tile, n), jnp.float32))[:a]
 
 
 # ------------------------------------------------------------------ placement and parameters

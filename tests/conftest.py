@@ -31,3 +31,18 @@ def two_layer_config(tiny_config):
     import dataclasses
 
     return dataclasses.replace(tiny_config, num_hidden_layers=2, layer_types=tiny_config.layer_types[:2])
+
+
+@pytest.fixture
+def force_backend(monkeypatch):
+    """force(form): the expert matmuls take backend `form`'s forms ("gpu", "tpu"; read while tracing) until the test
+    ends; jax's caches are cleared around it, so no trace crosses from one form to another."""
+    from oss_jax import packed
+
+    def force(form: str) -> None:
+        jax.clear_caches()
+        monkeypatch.setattr(packed, "backend", lambda: form)
+
+    yield force
+    monkeypatch.undo()
+    jax.clear_caches()

@@ -1,5 +1,6 @@
-"""The CPU grouped matmul (tiles of one expert each) and its tiled VJP against float64 numpy and jax.lax.ragged_dot;
-the accelerators' gathered decode path against float64."""
+"""The tiled grouped matmul (tiles of one expert each) and its tiled VJP against float64 numpy and jax.lax.ragged_dot,
+in its CPU form and in GPUs' (forced here: one tile size, a fixed trip count); the accelerators' gathered decode path
+against float64."""
 
 import functools
 
@@ -8,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from oss_jax import moe
+from oss_jax import moe, packed
 
 D, N = 48, 40
 
@@ -28,6 +29,8 @@ CASES = {
     "decode-padding": ([0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0], 4),
     "a1": ([0, 1, 0, 0], 1),
     "a1-padding": ([0, 0, 0, 0], 1),
+    # GPUs' form: tiles of 16 rows, and groups of 16m + 1 make 21 tiles, the fixed trip count (packed.most_tiles)
+    "most-tiles": ([17] * 9 + [1] * 3, 160),
 }
 CHUNKED = ["remainders", "decode-b1"]  # also run with weights taken a few rows at a time
 
@@ -93,6 +96,30 @@ def test_forward_and_gradients_match_float64_and_ragged_dot(case, chunked, monke
     assert not got[2][np.asarray(sizes) == 0].any()  # experts without rows: no gradient
 
 
+@pytest.mark.parametrize("case", [c for c, (sizes, a) in CASES.items() if a > len(sizes)])
+def test_gpu_form_matches_float64(case, force_backend):
+    """GPUs' form (more rows than experts; fewer take `gathered_matmul`): one tile size up to 256 rows, whole weights,
+    a loop of the most tiles any routing makes, the steps past this routing's tiles writing nothing; forward and
+    gradients from the definition, rows past the groups and experts without rows exactly 0."""
+    force_backend("gpu")
+    sizes, a = CASES[case]
+    tile, tile_kinds, chunk, trips = moe.tiling(a, len(sizes), D, N, 4)
+    assert (tile_kinds, chunk, trips) == ((tile,), D, packed.most_tiles(a, len(sizes), tile))
+    lhs, rhs, gs, g = inputs(sizes, a)
+    got = value_and_grads(moe._tiled_grouped_matmul, lhs, rhs, gs, g)
+    want = reference(lhs, rhs, sizes, g)
+    errs = [float(np.abs(x - w).max(initial=0.0)) for x, w in zip(got, want, strict=True)]
+    needed = int(sum(-(-np.asarray(sizes) // tile)))
+    print(f"{case} GPU form (A {a}, tile {tile}, {needed} of {trips} steps with rows): max |err| vs float64 "
+          "y/d_lhs/d_rhs " + " ".join(f"{e:.1e}" for e in errs))
+    for x, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(x, w, rtol=1e-5, atol=1e-5 * (1 + np.abs(w).max(initial=0.0)))
+    assert not got[0][sum(sizes):].any() and not got[1][sum(sizes):].any()
+    assert not got[2][np.asarray(sizes) == 0].any()
+    if case == "most-tiles":
+        assert needed == trips == 21
+
+
 @pytest.mark.parametrize("case", ["decode-b1", "decode-repeats", "decode-padding", "a1-padding", "padding-rows"])
 def test_gathered_matmul_matches_float64(case):
     """The accelerators' decode path (each row gathers its own expert's weight), run here on CPU: forward and
@@ -145,9 +172,12 @@ def test_decode_cost_analysis_near_minimum_flops(a, experts):
     assert 1.0 <= ratio <= 1.15
 
 
+@pytest.mark.parametrize("form", ["cpu", "gpu"])
 @pytest.mark.parametrize("check_vma", [False, True])
-def test_inside_shard_map_per_device_groups(check_vma):
-    """Expert parallelism calls it per device, each with its own experts and group sizes (rows past them: 0)."""
+def test_inside_shard_map_per_device_groups(check_vma, form, force_backend):
+    """Expert parallelism calls it per device, each with its own experts and group sizes (rows past them: 0); in the
+    CPU form and GPUs' (10 rows over 3 experts: the tiled loop with a fixed count)."""
+    force_backend(form)
     devices = jax.devices()
     p, experts, a = len(devices), 3, 10
     rng = np.random.default_rng(3)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jaxprs import HOST_WAITS, primitives
 
 from convert import layouts
 from convert.streaming import convert_checkpoint
@@ -36,6 +37,17 @@ def dense_params(cfg, seed):
             for rule in layouts.hf_rules(cfg)}
 
 
+def placed_model(cfg, params, packed_experts: bool, mesh):
+    """The model from dense `params` (experts packed or not), placed on `mesh` when one is given."""
+    model = model_from_params(cfg, packed.pack_params(params) if packed_experts else params,
+                              packed_experts=packed_experts)
+    if mesh is not None:
+        shard_model(model, mesh)
+        if packed_experts:
+            packed.shard_packed(model, mesh)
+    return model
+
+
 @pytest.fixture(scope="module")
 def cfg(tiny_config):
     # 24 experts: 8-, 4- and 2-way expert axes divide; F 160 = 5 groups of 32, which `tensor=2` cannot split
@@ -45,6 +57,14 @@ def cfg(tiny_config):
 @pytest.fixture(scope="module")
 def params(cfg):
     return dense_params(cfg, seed=5)
+
+
+@pytest.fixture(scope="module")
+def short(cfg):
+    """The config cut to its first two layers (one sliding, one full) and its parameters: for the tests that trace
+    every expert form of a whole step (compile time grows with the layer count)."""
+    short_cfg = dataclasses.replace(cfg, num_hidden_layers=2, layer_types=cfg.layer_types[:2])
+    return short_cfg, dense_params(short_cfg, seed=5)
 
 
 @pytest.fixture(scope="module")
@@ -95,9 +115,10 @@ def test_grouped_matmul_equals_dense(rows, experts, din, dout):
         want = np.asarray(jax.jit(grouped_matmul)(x.astype(dt), jnp.asarray(dense, dt), sizes))
         exact = np.einsum("AD,ADN->AN", x[: len(ids)].astype(dt).astype(np.float64), dense[ids].astype(np.float64))
         ref_err = np.abs(want[: len(ids)] - exact).max()
-        # looped: CPU's path (and accelerators' for many rows); for few rows on accelerators, gathered (XLA) and
+        # looped: CPU's path; fixed: accelerators' for many rows; for few rows on accelerators, gathered (XLA) and
         # the Pallas kernel (GPUs; here interpreted, same program)
         for name, fn in (("looped", lambda x, w, s, dt=dt: packed.looped_matmul(x.astype(dt), w, s, dt)),
+                         ("fixed", lambda x, w, s, dt=dt: packed.fixed_loop_matmul(x.astype(dt), w, s, dt)),
                          ("gathered", lambda x, w, s, dt=dt: packed.gathered_matmul(x.astype(dt), w, s)),
                          ("kernel", lambda x, w, s, dt=dt: packed.kernel_matmul(x.astype(dt), w, s))):
             got = np.asarray(jax.jit(fn)(x, w, sizes))
@@ -106,6 +127,49 @@ def test_grouped_matmul_equals_dense(rows, experts, din, dout):
                   f"dense {np.abs(got - want).max():.2e}")
             assert not np.any(got[len(ids):])  # rows past the groups
             assert err <= 2 * ref_err + 1e-6  # as accurate as the dense path (float32 accumulation in both)
+
+
+
+def test_fixed_loop_matmul_runs_the_most_tiles_a_routing_can_make():
+    """64 rows over 8 experts (tiles of 8): groups of 8m + 1 rows make 15 tiles, the loop's fixed count, so no step is
+    spare; every row equals the float64 product."""
+    rng = np.random.default_rng(3)
+    sizes = np.array([1, 9, 17, 1, 1, 9, 25, 1], np.int32)
+    assert sum(-(-sizes // 8)) == (64 + 8 * 7) // 8 == 15
+    blocks = rng.integers(0, 256, (8, 96, 2, 16), dtype=np.uint8)
+    scales = rng.integers(118, 126, (8, 96, 2), dtype=np.uint8)
+    dense = mxfp4.decode(blocks, scales).transpose(0, 2, 1).astype(np.float64)  # [E, in, out]
+    x = rng.standard_normal((64, 64)).astype(np.float32)
+    got = np.asarray(jax.jit(packed.fixed_loop_matmul, static_argnums=3)(
+        x, packed.MXFP4(jnp.asarray(blocks), jnp.asarray(scales)), sizes, jnp.float32))
+    exact = np.einsum("AD,ADN->AN", x.astype(np.float64), dense[np.repeat(np.arange(8), sizes)])
+    err = np.abs(got - exact).max()
+    print(f"fixed loop, 15 of 15 tiles: max |Δ| vs float64 {err:.2e} (max |y| {np.abs(exact).max():.1f})")
+    assert err <= 1e-6 * np.abs(exact).max()
+
+
+@pytest.mark.parametrize("shape", [{}, {"expert": 8}], ids=["one device", "expert=8"])
+def test_gpu_steps_have_no_data_dependent_loops(short, shape, force_backend):
+    """Prefill and decode traced in GPUs' forms (packed and dense experts) hold no `while` (a loop whose trip count
+    is data) and no `cond`: XLA:GPU copies their flag to the host and waits for it at every step. Loops with a fixed
+    count (`scan`, and `fori_loop` with static bounds) run without the host. (A prompt chunk against a cache longer
+    than attention's KEY_BLOCK still loops over the key blocks that hold positions: a few steps per full-attention
+    layer, not per expert.)"""
+    cfg, params = short
+    force_backend("gpu")
+    mesh = make_mesh(shape) if shape else None
+    for packed_experts in (True, False):
+        split, caches = split_model(placed_model(cfg, params, packed_experts, mesh)), init_cache(cfg, 2, 32)
+        pos = jnp.broadcast_to(jnp.arange(16, dtype=jnp.int32), (2, 16))
+        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+            steps = {"prefill": jax.make_jaxpr(prefill_step)(split, jnp.zeros((2, 16), jnp.int32), pos, caches),
+                     "decode": jax.make_jaxpr(decode_step)(split, jnp.zeros((2,), jnp.int32), jnp.full((2,), 16),
+                                                          caches)}
+        for name, closed in steps.items():
+            seen = primitives(closed)
+            print(f"{shape or 'one device'} {'packed' if packed_experts else 'dense'} {name}: "
+                  f"{sorted(seen & {'while', 'cond', 'scan', 'pallas_call', 'ragged_dot_general'})}")
+            assert not seen & HOST_WAITS
 
 
 def test_moe_layer_packed_equals_dense(cfg, params):
@@ -147,24 +211,23 @@ def test_model_logits_packed_equal_dense(cfg, params, tokens, dense_logits, shap
             assert np.array_equal(got.argmax(-1), want.argmax(-1))
 
 
-@pytest.mark.parametrize("shape", [{}, {"expert": 8}, {"data": 4, "tensor": 2}],
-                         ids=["one device", "expert=8", "data=4,tensor=2"])
-def test_accelerator_expert_paths_equal_the_cpu_paths(cfg, params, tokens, shape, monkeypatch):
+@pytest.mark.parametrize("shape", [{}, {"data": 2, "expert": 4}, {"data": 4, "tensor": 2}],
+                         ids=["one device", "data=2,expert=4", "data=4,tensor=2"])
+def test_accelerator_expert_paths_equal_the_cpu_paths(short, tokens, shape, monkeypatch):
     """The expert matmuls GPUs/TPUs take, forced here on CPU, through prefill + 3 cached decode steps: float32 logits
-    within 1e-5 of the largest, packed and dense. One device: decode rows gather their expert's weight (packed on
-    GPUs: the Pallas kernel, interpreted), prefill loops over whole experts (packed) or uses ragged_dot (dense).
-    expert=8: every shard holds more dispatch rows than its 3 experts, so packed stays in the loop and dense uses
-    ragged_dot. data=4,tensor=2 (packed, GPUs' form only): the kernel inside shard_map, mlp1's outputs split over
-    `tensor`, mlp2's 5 input groups whole on each device (the rows placed at their offset)."""
+    within 1e-5 of the largest, packed and dense; two layers, one of each kind.
+
+    One device: decode rows gather their expert's weight (packed on GPUs: the Pallas kernel, interpreted, which
+    also takes the 128-row prefill: at most 8 rows per expert); prefill runs a fixed count of expert tiles (packed
+    on TPUs, dense on GPUs) or ragged_dot (dense on TPUs). data=2,expert=4: every shard's dispatch buffer holds more
+    rows than its 6 experts, mostly padding; packed decode runs the kernel on GPUs (padding rows skipped) and the
+    fixed tiles on others, prefill the tiles; dense runs the tiles (GPUs' form only). data=4,tensor=2 (packed,
+    GPUs' form only): the kernel inside shard_map, mlp1's outputs split over `tensor`, mlp2's 5 input groups whole
+    on each device (the rows placed at their offset)."""
+    cfg, params = short
     mesh = make_mesh(shape) if shape else None
     for packed_experts in (True, False) if "tensor" not in shape else (True,):
-        model = model_from_params(cfg, packed.pack_params(params) if packed_experts else params,
-                                  packed_experts=packed_experts)
-        if mesh is not None:
-            shard_model(model, mesh)
-            if packed_experts:
-                packed.shard_packed(model, mesh)
-        split = split_model(model)
+        split = split_model(placed_model(cfg, params, packed_experts, mesh))
 
         def run(split=split):
             jax.clear_caches()  # the backend choice is read while tracing
@@ -177,14 +240,9 @@ def test_accelerator_expert_paths_equal_the_cpu_paths(cfg, params, tokens, shape
                 out.append(logits)
             return np.stack([np.asarray(o) for o in out])
 
-        # GPUs' form differs from other accelerators' only for packed decode rows (the Pallas kernel), which expert
-        # parallelism never has (dropless dispatch: more rows than local experts)
-        if "tensor" in shape:
-            forms = ("gpu",)  # the kernel under shard_map is what this mesh adds
-        elif packed_experts and "expert" not in shape:
-            forms = ("tpu", "gpu")
-        else:
-            forms = ("tpu",)
+        # GPUs' forms: packed decode rows take the Pallas kernel, dense prefill the tiled loop (TPUs: ragged_dot);
+        # data=4,tensor=2 adds the kernel under shard_map, and dense TPUs' form (ragged_dot) runs on one device only
+        forms = ("gpu",) if "tensor" in shape or (shape and not packed_experts) else ("tpu", "gpu")
         with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
             want = run()
             for form in forms:
@@ -194,11 +252,12 @@ def test_accelerator_expert_paths_equal_the_cpu_paths(cfg, params, tokens, shape
                                     **k: calls.append(a[0].shape) or real(*a, **k))
                 got = run()
                 monkeypatch.undo()
-                assert bool(kernel_calls) == (form == "gpu")  # decode's mlp1 and mlp2, 2 rows x top-k
+                assert bool(kernel_calls) == (form == "gpu" and packed_experts)  # decode's mlp1 and mlp2
                 err, scale = float(np.abs(got - want).max()), float(np.abs(want).max())
                 print(f"{shape or 'one device'} {'packed' if packed_experts else 'dense'}: {form} vs CPU expert paths "
                       f"max |Δlogit| {err:.2e} (max |logit| {scale:.1f})")
                 assert err <= 1e-5 * scale
+    jax.clear_caches()  # no trace of a forced form outlives the test
 
 
 def test_tensor_axis_splits_the_mlp2_groups_where_they_divide(tiny_config):
