@@ -9,7 +9,8 @@ back, nothing leaves the device). Printed:
   decode as a fraction of the memory-bandwidth bound: bytes that must be read per step / streaming-read
       bandwidth, measured in the same process (a jitted sum over a 2 GiB array, best of 5)
   the expert matmul alone at decode shapes (one layer's mlp1 + mlp2 rows, random routing): each implementation
-      (packed: --variants, the XLA gathered forms and Pallas kernel tilings; bf16: gathered), its time, its share
+      (packed: --variants, the XLA gathered forms and Pallas kernel tilings; bf16: the library's gathered
+      reduction, an einsum in bf16 and a Pallas kernel), its time, its share
       of the bound and its largest difference from the first variant's output, relative to that output's largest
   with --profile N: N more decode steps traced with jax.profiler, the device time per kernel name and per step
 
@@ -43,6 +44,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
+from jax.experimental import pallas as pl  # noqa: E402
+from jax.experimental.pallas import triton as plgpu  # noqa: E402
 
 from benchmarks.bounds import min_bytes, sizes  # noqa: E402
 from configs import preset_path  # noqa: E402
@@ -210,6 +213,50 @@ def _decoding_with(matmul, name: str, decode):
     return swapped
 
 
+def _dense_einsum(x, w, group_sizes):
+    """Dense experts' few-rows matmul with the gathered weights kept in their dtype (float32 accumulation), where
+    `moe.gathered_matmul` multiplies them upcast to float32."""
+    ids, valid = packed.row_experts(group_sizes, x.shape[0])
+    y = jnp.einsum("AD,ADN->AN", x.astype(w.dtype), w[ids], preferred_element_type=jnp.float32)
+    return jnp.where(valid[:, None], y, 0.0)
+
+
+def _dense_kernel(x, w, group_sizes, block_cols: int = 128, step_rows: int = 64, programs: int = 2048,
+                  warps: int = 4):
+    """Dense experts' few-rows matmul as a Pallas kernel shaped like `packed.kernel_matmul`: a program per row x
+    `block_cols` outputs x a split of D, reading [step_rows, block_cols] of its row's expert's [D, N] weight per
+    step (contiguous along N); padding rows loop zero times. Not the library's: timed here first."""
+    e, d, n = w.shape
+    a = x.shape[0]
+    while d % step_rows:
+        step_rows //= 2
+    block_cols, _, splits = packed.kernel_plan(d // step_rows, n, a, block_cols, 1, programs)
+    per_split = d // step_rows // splits
+    ids, valid = packed.row_experts(group_sizes, a)
+
+    def kernel(ids_ref, valid_ref, x_ref, w_ref, out_ref):
+        row, expert = pl.program_id(0), ids_ref[pl.program_id(0)]
+        cols = pl.ds(pl.program_id(1) * block_cols, block_cols)
+        first = pl.program_id(2) * per_split
+
+        def step(i, acc):
+            rows = pl.ds((first + i) * step_rows, step_rows)
+            return acc + jnp.sum(w_ref[expert, rows, cols].astype(jnp.float32)
+                                 * x_ref[row, rows].astype(jnp.float32)[:, None], axis=0)
+        steps = jnp.where(valid_ref[row] != 0, per_split, 0)
+        out_ref[...] = jax.lax.fori_loop(0, steps, step, jnp.zeros((block_cols,), jnp.float32))
+
+    partial = pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((splits, a, n), jnp.float32), grid=(a, n // block_cols, splits),
+        out_specs=pl.BlockSpec((pl.squeezed, pl.squeezed, block_cols), lambda i, j, k: (k, i, j)),
+        compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=3),
+        interpret=jax.default_backend() != "gpu",
+    )(ids, valid.astype(jnp.int32), x, w)
+    return partial.sum(axis=0)
+
+
+DENSE = {"gathered": moe.gathered_matmul, "einsum": _dense_einsum, "kernel": _dense_kernel}
+
 # kernel-R{block_rows}-G{step_groups}-P{programs}-W{warps}: `packed.kernel_matmul` tilings
 KERNELS = [(64, 2, 2048, 4), (128, 2, 2048, 8), (256, 2, 1024, 8), (32, 2, 8192, 2), (128, 2, 4096, 4),
            (128, 1, 2048, 8)]
@@ -240,7 +287,7 @@ def expert_matmuls(cfg: ModelConfig, dtype, packed_experts: bool, batches: list[
     else:
         w1 = _fill_jit(key, "normal", (e, d, 2 * f), jnp.dtype(dtype))
         w2 = _fill_jit(key, "normal", (e, f, d), jnp.dtype(dtype))
-        impls = {"gathered": moe.gathered_matmul}
+        impls = dict(DENSE)
     rows = []
     for batch in batches:
         group_sizes = jnp.asarray(_routing(cfg, batch, seed=batch))
