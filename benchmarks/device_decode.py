@@ -434,6 +434,32 @@ def profile_steps(run, steps: int, top: int = 14) -> None:
         print(f"    {t / steps / 1e3:8.1f} us/step  {c / steps:5.1f}x  {name[:90]}", flush=True)
 
 
+def decode_runs(cfg: ModelConfig, dtype, packed_experts: bool, batches: list[int], bandwidth: float, args,
+                result: dict) -> list[dict]:
+    """Draw the model on the device, then per batch size: prefill (or a random cache) and timed decode steps."""
+    t0 = time.perf_counter()
+    model = random_model(cfg, dtype, packed_experts)
+    weights = sum(leaf.nbytes for leaf in jax.tree.leaves(nnx.state(model)))
+    jax.block_until_ready(nnx.state(model))
+    result.update(weights_bytes=weights, build_s=time.perf_counter() - t0, memory_after_build=device_memory())
+    print(f"weights on device: {weights / GiB:.2f} GiB (drawn in {result['build_s']:.1f} s); "
+          f"allocator {result['memory_after_build']}", flush=True)
+
+    runs = []
+    for batch in batches:
+        r = run_batch(model, cfg, batch, args, dtype)
+        need = step_bytes(cfg, packed_experts, dtype.itemsize, batch, r["mid_position"], dtype.itemsize)
+        r.update(step_bytes=need, bound_tok_s=batch * bandwidth / need,
+                 fraction_of_bound=r["decode_tok_s"] / (batch * bandwidth / need), memory=device_memory())
+        runs.append(r)
+        print(f"batch {batch}: prefill {r['prefill_tok_s']:8.0f} tok/s (first call {r['prefill_first_s']:.1f} s); "
+              f"decode {r['decode_tok_s']:8.1f} tok/s ({r['decode_step_s'] * 1e3:.2f} ms/step; bound "
+              f"{r['bound_tok_s']:.1f} tok/s from {need / 2**20:.0f} MiB/step -> {r['fraction_of_bound']:.2f} of "
+              f"it); cache {r['cache_bytes'] / GiB:.2f} GiB; peak in use "
+              f"{r['memory'].get('peak_bytes_in_use', 0) / GiB:.2f} GiB", flush=True)
+    return runs
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="gpt-oss-20b", help="a preset (gpt-oss-20b, gpt-oss-120b, tiny) or config.json")
@@ -447,6 +473,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3, help="decode steps before timing (the first compiles)")
     p.add_argument("--reps", type=int, default=10, help="timed repetitions of each expert matmul (best)")
     p.add_argument("--skip-matmul", action="store_true", help="no expert-matmul timings")
+    p.add_argument("--matmul-only", action="store_true", help="only the expert-matmul timings (no model)")
     p.add_argument("--variants", default="words,wordsbits,kernel,kernelfloat,kernel-*",
                    help="packed few-rows matmuls to time, the first checked against (NAME* for every NAME...): "
                         + ", ".join(GATHERED))
@@ -486,27 +513,8 @@ def main() -> None:
         result["gathered"] = args.gathered
         print(f"model's packed gathered matmul: {args.gathered}", flush=True)
 
-    t0 = time.perf_counter()
-    model = random_model(cfg, dtype, packed_experts)
-    weights = sum(leaf.nbytes for leaf in jax.tree.leaves(nnx.state(model)))
-    jax.block_until_ready(nnx.state(model))
-    result.update(weights_bytes=weights, build_s=time.perf_counter() - t0, memory_after_build=device_memory())
-    print(f"weights on device: {weights / GiB:.2f} GiB (drawn in {result['build_s']:.1f} s); "
-          f"allocator {result['memory_after_build']}", flush=True)
-
-    runs = []
-    for batch in batches:
-        r = run_batch(model, cfg, batch, args, dtype)
-        need = step_bytes(cfg, packed_experts, dtype.itemsize, batch, r["mid_position"], dtype.itemsize)
-        r.update(step_bytes=need, bound_tok_s=batch * bandwidth / need,
-                 fraction_of_bound=r["decode_tok_s"] / (batch * bandwidth / need), memory=device_memory())
-        runs.append(r)
-        print(f"batch {batch}: prefill {r['prefill_tok_s']:8.0f} tok/s (first call {r['prefill_first_s']:.1f} s); "
-              f"decode {r['decode_tok_s']:8.1f} tok/s ({r['decode_step_s'] * 1e3:.2f} ms/step; bound "
-              f"{r['bound_tok_s']:.1f} tok/s from {need / 2**20:.0f} MiB/step -> {r['fraction_of_bound']:.2f} of "
-              f"it); cache {r['cache_bytes'] / GiB:.2f} GiB; peak in use "
-              f"{r['memory'].get('peak_bytes_in_use', 0) / GiB:.2f} GiB", flush=True)
-    result["runs"] = runs
+    if not args.matmul_only:
+        result["runs"] = decode_runs(cfg, dtype, packed_experts, batches, bandwidth, args, result)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
 
