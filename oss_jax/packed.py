@@ -2,7 +2,8 @@
 
 An expert kernel stays as shipped: uint8 blocks [E, out, in/32, 16] + uint8 scales [E, out, in/32] (4.25 bits per
 weight; out is 2F for mlp1, D for mlp2). The expert matmul decodes, inside the jitted step, only the experts that
-rows were routed to, a slice of output rows at a time: no dequantized copy of a whole expert tensor exists.
+rows were routed to (on CPU a slice of output rows at a time; on accelerators one expert per row tile, and the
+last expert again in the spare steps of a fixed-count loop): no dequantized copy of a whole expert tensor exists.
 
 Decoding is exact: twice an fp4 value is an integer in {0, 1, 2, 3, 4, 6, 8, 12} (built from the code's bits as a
 float32), times 2^(scale - 128). Even and odd elements of each 32-group (low and high nibbles) are decoded apart and

@@ -219,11 +219,11 @@ def test_accelerator_expert_paths_equal_the_cpu_paths(short, tokens, shape, monk
 
     One device: decode rows gather their expert's weight (packed on GPUs: the Pallas kernel, interpreted, which
     also takes the 128-row prefill: at most 8 rows per expert); prefill runs a fixed count of expert tiles (packed
-    on TPUs, dense on GPUs) or ragged_dot (dense on TPUs). data=2,expert=4: every shard's dispatch buffer holds more
-    rows than its 6 experts, mostly padding; packed decode runs the kernel on GPUs (padding rows skipped) and the
-    fixed tiles on others, prefill the tiles; dense runs the tiles (GPUs' form only). data=4,tensor=2 (packed,
-    GPUs' form only): the kernel inside shard_map, mlp1's outputs split over `tensor`, mlp2's 5 input groups whole
-    on each device (the rows placed at their offset)."""
+    on TPUs, dense on GPUs) or ragged_dot (dense on TPUs). The meshes run GPUs' forms only. data=2,expert=4: every
+    shard's dispatch buffer holds more rows than its 6 experts, mostly padding; packed decode runs the kernel
+    (padding rows skipped), prefill the fixed tiles, and dense both the tiles. data=4,tensor=2 (packed): the kernel
+    inside shard_map, mlp1's outputs split over `tensor`, mlp2's 5 input groups whole on each device (the rows
+    placed at their offset)."""
     cfg, params = short
     mesh = make_mesh(shape) if shape else None
     for packed_experts in (True, False) if "tensor" not in shape else (True,):
@@ -240,9 +240,9 @@ def test_accelerator_expert_paths_equal_the_cpu_paths(short, tokens, shape, monk
                 out.append(logits)
             return np.stack([np.asarray(o) for o in out])
 
-        # GPUs' forms: packed decode rows take the Pallas kernel, dense prefill the tiled loop (TPUs: ragged_dot);
-        # data=4,tensor=2 adds the kernel under shard_map, and dense TPUs' form (ragged_dot) runs on one device only
-        forms = ("gpu",) if "tensor" in shape or (shape and not packed_experts) else ("tpu", "gpu")
+        # sharded, GPUs' forms only: they hold what the meshes add (the kernel under shard_map, with padding rows
+        # or split outputs; both fixed-count loops under shard_map); TPUs' differ from them in code one device runs
+        forms = ("gpu",) if shape else ("tpu", "gpu")
         with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
             want = run()
             for form in forms:
