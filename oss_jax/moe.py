@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from oss_jax import packed
+from oss_jax import packed, tiles
 from oss_jax.config import ModelConfig
 from oss_jax.params import param
 
@@ -85,15 +85,15 @@ def tiling(a: int, num_experts: int, k: int, n: int, itemsize: int) -> tuple[int
     rows per inner step, fixed trip count or None).
 
     CPU: `row_tile`, remainders in `tile_sizes`, CHUNK_BYTES of weight at a time, exactly the routing's tiles.
-    Accelerators: one tile size (`packed.row_tile`, up to `packed.ACCELERATOR_TILE` rows), whole weights, and the
-    most tiles any routing makes (`packed.most_tiles`): a loop whose count is data makes XLA:GPU wait on the host at
+    Accelerators: one tile size (`tiles.power_of_two`, up to `tiles.ACCELERATOR_TILE` rows), whole weights, and the
+    most tiles any routing makes (`tiles.most_tiles`): a loop whose count is data makes XLA:GPU wait on the host at
     every step.
     """
     if packed.on_cpu():
         tile = row_tile(a, num_experts)
         return tile, tile_sizes(tile), _chunk_rows(k, n, itemsize), None
-    tile = packed.row_tile(a, num_experts, packed.ACCELERATOR_TILE)
-    return tile, (tile,), k, packed.most_tiles(a, num_experts, tile)
+    tile = tiles.power_of_two(a, num_experts, tiles.ACCELERATOR_TILE)
+    return tile, (tile,), k, tiles.most_tiles(a, num_experts, tile)
 
 
 def tile_sizes(tile: int) -> tuple[int, ...]:
@@ -127,8 +127,8 @@ def tiled_grouped_matmul(lhs: jax.Array, weight: Callable[[jax.Array], jax.Array
 
     out = _zeros_varying_like((a + tile, n), lhs, group_sizes, w)
     unroll = a if tile == 1 and trips is None else None
-    for s, count, first, ends in _tile_plan(group_sizes, tile, sizes):
-        out = _for_tiles(s, count, first, ends, tile_body(s), out, unroll, trips)
+    for s, count, first, ends in tiles.plan(group_sizes, tile, sizes):
+        out = tiles.loop(s, count, first, ends, tile_body(s), out, unroll, trips)
     return out[:a]
 
 
@@ -140,44 +140,6 @@ def _zeros_varying_like(shape: tuple[int, ...], *like) -> jax.Array:
     axes = set().union(*(t.varying for t in types if t is not None))
     zeros = jnp.zeros(shape, jnp.float32)
     return jax.lax.pcast(zeros, tuple(sorted(axes)), to="varying") if axes else zeros
-
-
-def _tile_plan(group_sizes: jax.Array, tile: int, sizes: tuple[int, ...]):
-    """For each s in `sizes`: tiles of s rows per expert [E], the row where they start [E], group ends [E]. Each
-    expert's rows: full tiles of `tile` rows, then one of the smallest size that holds the remainder."""
-    rows = group_sizes.astype(jnp.int32)
-    ends = jnp.cumsum(rows)
-    starts = ends - rows
-    full, rem = rows // tile, rows % tile
-    table = jnp.asarray(sizes, jnp.int32)
-    rounded = jnp.where(rem > 0, table[jnp.minimum(jnp.searchsorted(table, rem), len(sizes) - 1)], 0)
-    for s in sizes:
-        if s == tile:
-            yield s, full + (rounded == s), starts, ends
-        else:
-            yield s, (rounded == s).astype(jnp.int32), starts + full * tile, ends
-
-
-def _for_tiles(s: int, count: jax.Array, first: jax.Array, ends: jax.Array, body, carry, unroll: int | None = None,
-               trips: int | None = None):
-    """carry = body(carry, expert, first row, valid rows) over every tile of s rows (count [E] of them per expert).
-
-    A loop with a traced trip count; with `unroll`, that many conditional steps instead (a static upper bound); with
-    `trips`, a loop of that many steps, those past the last tile with no valid rows (body must leave carry as is)."""
-    tile_end = jnp.cumsum(count)
-
-    def step(t, carry):
-        j = jnp.minimum(jnp.searchsorted(tile_end, t, side="right", method="compare_all"), count.shape[0] - 1)
-        row0 = first[j] + (t - tile_end[j] + count[j]) * s
-        return body(carry, j.astype(jnp.int32), row0, ends[j] - row0)
-
-    if trips is not None:
-        return jax.lax.fori_loop(0, trips, step, carry)
-    if unroll is None:
-        return jax.lax.fori_loop(0, tile_end[-1], step, carry)
-    for t in range(unroll):
-        carry = jax.lax.cond(t < tile_end[-1], step, lambda _, c: c, t, carry)
-    return carry
 
 
 def _chunk_rows(k: int, n: int, itemsize: int) -> int:
@@ -232,8 +194,8 @@ def _tiled_weight_grad(lhs: jax.Array, g: jax.Array, num_experts: int, group_siz
         return jax.lax.fori_loop(0, -(-d // chunk), step, dw)
 
     dw = _zeros_varying_like((num_experts, d, n), lhs, g, group_sizes)
-    (_, count, first, ends), = _tile_plan(group_sizes, tile, (tile,))
-    return _for_tiles(tile, count, first, ends, body, dw, trips=trips)
+    (_, count, first, ends), = tiles.plan(group_sizes, tile, (tile,))
+    return tiles.loop(tile, count, first, ends, body, dw, trips=trips)
 
 
 @jax.custom_vjp

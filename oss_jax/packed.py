@@ -27,7 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from oss_jax import mxfp4
+from oss_jax import mxfp4, tiles
 from oss_jax.params import path_name
 from oss_jax.sharding import RULES, partition_spec
 
@@ -122,17 +122,6 @@ def _slices(n: int) -> int:
     """How many equal slices of `n` output rows to decode an expert in (each at most SLICE_ROWS where possible)."""
     want = -(-n // SLICE_ROWS)
     return next(c for c in range(want, n + 1) if n % c == 0)
-
-
-def row_tile(a: int, num_experts: int, most: int = 64) -> int:
-    """Rows multiplied at a time: the next power of two >= A / E, at most `most`."""
-    return min(most, 1 << (-(-a // num_experts) - 1).bit_length())
-
-
-def most_tiles(a: int, num_experts: int, tile: int) -> int:
-    """The most tiles of `tile` rows, each of one expert, that A rows over E experts can need: each expert with rows
-    rounds up by at most tile - 1, and at most min(A, E) have rows."""
-    return (a + min(a, num_experts) * (tile - 1)) // tile
 
 
 def backend() -> str:
@@ -287,7 +276,7 @@ def looped_matmul(x: jax.Array, w: MXFP4, group_sizes: jax.Array, dtype: jnp.dty
     """
     e, width, n = w.shape
     a = x.shape[0]
-    tile, rows = row_tile(a, e), n // _slices(n)
+    tile, rows = tiles.power_of_two(a, e), n // _slices(n)
     even, odd = (jnp.pad(h, ((0, tile), (0, 0))) for h in split_columns(x))
     ends = jnp.cumsum(group_sizes)
     starts = ends - group_sizes
@@ -316,40 +305,32 @@ def looped_matmul(x: jax.Array, w: MXFP4, group_sizes: jax.Array, dtype: jnp.dty
     return out[:a]
 
 
-ACCELERATOR_TILE = 256  # most rows of a tile on accelerators (`fixed_loop_matmul`, `moe.tiled_grouped_matmul`)
-
-
 def fixed_loop_matmul(x: jax.Array, w: MXFP4, group_sizes: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    """`grouped_matmul` for x [A, in] of full width on accelerators: one loop whose trip count is known when
-    compiling. XLA:GPU runs such a loop without looking at the device; a loop whose count is data (`looped_matmul`'s)
-    or a conditional copies a flag to the host and waits for it every step.
+    """`grouped_matmul` for x [A, in] of full width on accelerators: one loop (`tiles.loop`) with a trip count known
+    when compiling, the most tiles any routing makes; XLA:GPU runs it without waiting on the host, where
+    `looped_matmul`'s loops, counted by the data, would wait at every step.
 
-    Step t takes tile t of `row_tile` rows of one expert (each expert's rows in consecutive tiles, the last one
-    partly masked), decodes that expert whole and multiplies. The count is the most tiles any routing makes
-    (`most_tiles`); the steps past this routing's tiles leave the output as it is.
+    Each step takes a tile of rows of one expert (up to `tiles.ACCELERATOR_TILE`; the last of an expert's tiles
+    partly masked), decodes that expert whole and multiplies; the steps past this routing's tiles change nothing.
     """
     e, width, n = w.shape
     a = x.shape[0]
-    tile = row_tile(a, e, ACCELERATOR_TILE)
-    trips = most_tiles(a, e, tile)
-    count = -(-group_sizes // tile)  # tiles per expert [E]
-    tile_end = jnp.cumsum(count)
-    ends = jnp.cumsum(group_sizes)
+    tile = tiles.power_of_two(a, e, tiles.ACCELERATOR_TILE)
     even, odd = (jnp.pad(h, ((0, tile), (0, 0))) for h in split_columns(x))
 
-    def one_tile(t, out):
-        j = jnp.minimum(jnp.searchsorted(tile_end, t, side="right", method="compare_all"), e - 1)
-        r = ends[j] - group_sizes[j] + (t - tile_end[j] + count[j]) * tile  # past every group after the last tile
+    def one_tile(out, j, r, valid):
         lo, hi = (decode_nibbles(w.blocks[j], w.scales[j], high, dtype) for high in (False, True))  # [out, in/2]
         y = (jnp.einsum("SC,NC->SN", jax.lax.dynamic_slice_in_dim(even, r, tile), lo,
                         preferred_element_type=jnp.float32)
              + jnp.einsum("SC,NC->SN", jax.lax.dynamic_slice_in_dim(odd, r, tile), hi,
                           preferred_element_type=jnp.float32))
-        keep = (r + jnp.arange(tile) < ends[j])[:, None]
-        y = jnp.where(keep, y, jax.lax.dynamic_slice_in_dim(out, r, tile))
+        y = jnp.where((jnp.arange(tile) < valid)[:, None], y, jax.lax.dynamic_slice_in_dim(out, r, tile))
         return jax.lax.dynamic_update_slice_in_dim(out, y, r, 0)
 
-    return jax.lax.fori_loop(0, trips, one_tile, jnp.zeros((a + tile, n), jnp.float32))[:a]
+    (_, count, first, ends), = tiles.plan(group_sizes, tile, (tile,))
+    out = tiles.loop(tile, count, first, ends, one_tile, jnp.zeros((a + tile, n), jnp.float32),
+                     trips=tiles.most_tiles(a, e, tile))
+    return out[:a]
 
 
 # ------------------------------------------------------------------ placement and parameters

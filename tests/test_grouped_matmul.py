@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from oss_jax import moe, packed
+from oss_jax import moe, tiles
 
 D, N = 48, 40
 
@@ -29,7 +29,7 @@ CASES = {
     "decode-padding": ([0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0], 4),
     "a1": ([0, 1, 0, 0], 1),
     "a1-padding": ([0, 0, 0, 0], 1),
-    # GPUs' form: tiles of 16 rows, and groups of 16m + 1 make 21 tiles, the fixed trip count (packed.most_tiles)
+    # GPUs' form: tiles of 16 rows, and groups of 16m + 1 make 21 tiles, the fixed trip count (tiles.most_tiles)
     "most-tiles": ([17] * 9 + [1] * 3, 160),
 }
 CHUNKED = ["remainders", "decode-b1"]  # also run with weights taken a few rows at a time
@@ -104,7 +104,7 @@ def test_gpu_form_matches_float64(case, force_backend):
     force_backend("gpu")
     sizes, a = CASES[case]
     tile, tile_kinds, chunk, trips = moe.tiling(a, len(sizes), D, N, 4)
-    assert (tile_kinds, chunk, trips) == ((tile,), D, packed.most_tiles(a, len(sizes), tile))
+    assert (tile_kinds, chunk, trips) == ((tile,), D, tiles.most_tiles(a, len(sizes), tile))
     lhs, rhs, gs, g = inputs(sizes, a)
     got = value_and_grads(moe._tiled_grouped_matmul, lhs, rhs, gs, g)
     want = reference(lhs, rhs, sizes, g)
