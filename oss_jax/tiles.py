@@ -41,7 +41,7 @@ def plan(group_sizes: jax.Array, tile: int, sizes: tuple[int, ...]):
 
 
 def loop(s: int, count: jax.Array, first: jax.Array, ends: jax.Array, body, carry, unroll: int | None = None,
-               trips: int | None = None):
+         trips: int | None = None):
     """carry = body(carry, expert, first row, valid rows) over every tile of s rows (count [E] of them per expert).
 
     A loop with a traced trip count; with `unroll`, that many conditional steps instead (a static upper bound); with
