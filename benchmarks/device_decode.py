@@ -45,7 +45,6 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.experimental import pallas as pl  # noqa: E402
-from jax.experimental.pallas import triton as plgpu  # noqa: E402
 
 from benchmarks.bounds import min_bytes, sizes  # noqa: E402
 from configs import preset_path  # noqa: E402
@@ -225,34 +224,21 @@ def _dense_kernel(x, w, group_sizes, block_cols: int = 128, step_rows: int = 64,
                   warps: int = 4):
     """Dense experts' few-rows matmul as a Pallas kernel shaped like `packed.kernel_matmul`: a program per row x
     `block_cols` outputs x a split of D, reading [step_rows, block_cols] of its row's expert's [D, N] weight per
-    step (contiguous along N); padding rows loop zero times. Not the library's: timed here first."""
+    step (contiguous along N), on `packed.row_kernel` (padding rows read nothing). Not the library's: timed here
+    first."""
     e, d, n = w.shape
     a = x.shape[0]
     while d % step_rows:
         step_rows //= 2
     block_cols, _, splits = packed.kernel_plan(d // step_rows, n, a, block_cols, 1, programs)
     per_split = d // step_rows // splits
-    ids, valid = packed.row_experts(group_sizes, a)
 
-    def kernel(ids_ref, valid_ref, x_ref, w_ref, out_ref):
-        row, expert = pl.program_id(0), ids_ref[pl.program_id(0)]
-        cols = pl.ds(pl.program_id(1) * block_cols, block_cols)
-        first = pl.program_id(2) * per_split
+    def step(row, expert, cols, split, i, acc, x_ref, w_ref):
+        rows = pl.ds((split * per_split + i) * step_rows, step_rows)
+        return acc + jnp.sum(w_ref[expert, rows, cols].astype(jnp.float32)
+                             * x_ref[row, rows].astype(jnp.float32)[:, None], axis=0)
 
-        def step(i, acc):
-            rows = pl.ds((first + i) * step_rows, step_rows)
-            return acc + jnp.sum(w_ref[expert, rows, cols].astype(jnp.float32)
-                                 * x_ref[row, rows].astype(jnp.float32)[:, None], axis=0)
-        steps = jnp.where(valid_ref[row] != 0, per_split, 0)
-        out_ref[...] = jax.lax.fori_loop(0, steps, step, jnp.zeros((block_cols,), jnp.float32))
-
-    partial = pl.pallas_call(
-        kernel, out_shape=jax.ShapeDtypeStruct((splits, a, n), jnp.float32), grid=(a, n // block_cols, splits),
-        out_specs=pl.BlockSpec((pl.squeezed, pl.squeezed, block_cols), lambda i, j, k: (k, i, j)),
-        compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=3),
-        interpret=jax.default_backend() != "gpu",
-    )(ids, valid.astype(jnp.int32), x, w)
-    return partial.sum(axis=0)
+    return packed.row_kernel(step, per_split, group_sizes, n, block_cols, splits, warps, None, x, w)
 
 
 DENSE = {"gathered": moe.gathered_matmul, "einsum": _dense_einsum, "kernel": _dense_kernel}

@@ -85,15 +85,14 @@ def tiling(a: int, num_experts: int, k: int, n: int, itemsize: int) -> tuple[int
     rows per inner step, fixed trip count or None).
 
     CPU: `row_tile`, remainders in `tile_sizes`, CHUNK_BYTES of weight at a time, exactly the routing's tiles.
-    Accelerators: one tile size (`tiles.power_of_two`, up to `tiles.ACCELERATOR_TILE` rows), whole weights, and the
-    most tiles any routing makes (`tiles.most_tiles`): a loop whose count is data makes XLA:GPU wait on the host at
-    every step.
+    Accelerators: one tile size and the most tiles any routing makes as the trip count (`tiles.fixed`), whole
+    weights: a loop whose count is data makes XLA:GPU wait on the host at every step.
     """
     if packed.on_cpu():
         tile = row_tile(a, num_experts)
         return tile, tile_sizes(tile), _chunk_rows(k, n, itemsize), None
-    tile = tiles.power_of_two(a, num_experts, tiles.ACCELERATOR_TILE)
-    return tile, (tile,), k, tiles.most_tiles(a, num_experts, tile)
+    tile, trips = tiles.fixed(a, num_experts)
+    return tile, (tile,), k, trips
 
 
 def tile_sizes(tile: int) -> tuple[int, ...]:

@@ -241,29 +241,44 @@ def kernel_matmul(x: jax.Array, w: MXFP4, group_sizes: jax.Array, block_rows: in
     a, g = x.shape[0], width // mxfp4.GROUP
     block_rows, step_groups, splits = kernel_plan(g, n, a, block_rows, step_groups, programs)
     per_split = g // splits
-    ids, valid = row_experts(group_sizes, a)
     even, odd = (h.astype(jnp.float32).reshape(a, g, mxfp4.BYTES_PER_GROUP) for h in split_columns(x))
 
-    def kernel(ids_ref, valid_ref, even_ref, odd_ref, blocks_ref, scales_ref, out_ref):
-        row, expert = pl.program_id(0), ids_ref[pl.program_id(0)]
-        outs = pl.ds(pl.program_id(1) * block_rows, block_rows)
-        first = pl.program_id(2) * per_split
+    def step(row, expert, outs, split, i, acc, even_ref, odd_ref, blocks_ref, scales_ref):
+        groups = pl.ds(split * per_split + i * step_groups, step_groups)
+        b = blocks_ref[expert, outs, groups, :].astype(jnp.uint32)  # [rows, groups, 16]
+        sums = jnp.sum(twice_fp4_bits(b & 15) * even_ref[row, groups, :][None]
+                       + twice_fp4_bits(b >> 4) * odd_ref[row, groups, :][None], axis=2)  # [rows, groups]
+        return acc + jnp.sum(sums * _half_scale(scales_ref[expert, outs, groups]), axis=1)
 
-        def step(i, acc):
-            groups = pl.ds(first + i * step_groups, step_groups)
-            b = blocks_ref[expert, outs, groups, :].astype(jnp.uint32)  # [rows, groups, 16]
-            sums = jnp.sum(twice_fp4_bits(b & 15) * even_ref[row, groups, :][None]
-                           + twice_fp4_bits(b >> 4) * odd_ref[row, groups, :][None], axis=2)  # [rows, groups]
-            return acc + jnp.sum(sums * _half_scale(scales_ref[expert, outs, groups]), axis=1)
-        steps = jnp.where(valid_ref[row] != 0, per_split // step_groups, 0)
-        out_ref[...] = jax.lax.fori_loop(0, steps, step, jnp.zeros((block_rows,), jnp.float32))
+    return row_kernel(step, per_split // step_groups, group_sizes, n, block_rows, splits, warps, interpret,
+                      even, odd, w.blocks, w.scales)
+
+
+def row_kernel(step, steps: int, group_sizes: jax.Array, n: int, block: int, splits: int, warps: int,
+               interpret: bool | None, *operands: jax.Array) -> jax.Array:
+    """[A, N] float32 from a Pallas kernel (Triton on GPUs, interpreted elsewhere) whose program (row, block of
+    `block` outputs, split) runs acc = step(row, its expert, output slice, split, i, acc, *operand refs) for i < steps
+    (zero times for rows past the groups: they read nothing) and writes acc; the splits' partial sums are added.
+    The rows (operands' first axis, grouped by expert, sizes [E]) come from `group_sizes`."""
+    a = operands[0].shape[0]
+    ids, valid = row_experts(group_sizes, a)
+
+    def kernel(ids_ref, valid_ref, *refs):
+        *operand_refs, out_ref = refs
+        row, expert, split = pl.program_id(0), ids_ref[pl.program_id(0)], pl.program_id(2)
+        outs = pl.ds(pl.program_id(1) * block, block)
+
+        def body(i, acc):
+            return step(row, expert, outs, split, i, acc, *operand_refs)
+        out_ref[...] = jax.lax.fori_loop(0, jnp.where(valid_ref[row] != 0, steps, 0), body,
+                                         jnp.zeros((block,), jnp.float32))
 
     partial = pl.pallas_call(
-        kernel, out_shape=jax.ShapeDtypeStruct((splits, a, n), jnp.float32), grid=(a, n // block_rows, splits),
-        out_specs=pl.BlockSpec((pl.squeezed, pl.squeezed, block_rows), lambda i, j, k: (k, i, j)),
+        kernel, out_shape=jax.ShapeDtypeStruct((splits, a, n), jnp.float32), grid=(a, n // block, splits),
+        out_specs=pl.BlockSpec((pl.squeezed, pl.squeezed, block), lambda i, j, k: (k, i, j)),
         compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=3),  # Triton, not Mosaic GPU
         interpret=jax.default_backend() != "gpu" if interpret is None else interpret,
-    )(ids, valid.astype(jnp.int32), even, odd, w.blocks, w.scales)
+    )(ids, valid.astype(jnp.int32), *operands)
     return partial.sum(axis=0)
 
 
@@ -315,7 +330,7 @@ def fixed_loop_matmul(x: jax.Array, w: MXFP4, group_sizes: jax.Array, dtype: jnp
     """
     e, width, n = w.shape
     a = x.shape[0]
-    tile = tiles.power_of_two(a, e, tiles.ACCELERATOR_TILE)
+    tile, trips = tiles.fixed(a, e)
     even, odd = (jnp.pad(h, ((0, tile), (0, 0))) for h in split_columns(x))
 
     def one_tile(out, j, r, valid):
@@ -328,8 +343,7 @@ def fixed_loop_matmul(x: jax.Array, w: MXFP4, group_sizes: jax.Array, dtype: jnp
         return jax.lax.dynamic_update_slice_in_dim(out, y, r, 0)
 
     (_, count, first, ends), = tiles.plan(group_sizes, tile, (tile,))
-    out = tiles.loop(tile, count, first, ends, one_tile, jnp.zeros((a + tile, n), jnp.float32),
-                     trips=tiles.most_tiles(a, e, tile))
+    out = tiles.loop(tile, count, first, ends, one_tile, jnp.zeros((a + tile, n), jnp.float32), trips=trips)
     return out[:a]
 
 

@@ -24,6 +24,13 @@ def most_tiles(a: int, num_experts: int, tile: int) -> int:
     return (a + min(a, num_experts) * (tile - 1)) // tile
 
 
+def fixed(a: int, num_experts: int) -> tuple[int, int]:
+    """Accelerators' tiling of A rows over E experts: (rows per tile, up to ACCELERATOR_TILE; the loop's fixed trip
+    count, `most_tiles`)."""
+    tile = power_of_two(a, num_experts, ACCELERATOR_TILE)
+    return tile, most_tiles(a, num_experts, tile)
+
+
 def plan(group_sizes: jax.Array, tile: int, sizes: tuple[int, ...]):
     """For each s in `sizes`: tiles of s rows per expert [E], the row where they start [E], group ends [E]. Each
     expert's rows: full tiles of `tile` rows, then one of the smallest size that holds the remainder."""
