@@ -9,8 +9,8 @@ back, nothing leaves the device). Printed:
   decode as a fraction of the memory-bandwidth bound: bytes that must be read per step / streaming-read
       bandwidth, measured in the same process (a jitted sum over a 2 GiB array, best of 5)
   the expert matmul alone at decode shapes (one layer's mlp1 + mlp2 rows, random routing): each implementation
-      (packed: --variants, the XLA gathered forms and Pallas kernel tilings; bf16: the library's gathered
-      reduction, an einsum in bf16 and a Pallas kernel), its time, its share
+      (packed: --variants, the XLA gathered forms and Pallas kernel tilings; bf16: the XLA gathered reduction,
+      an einsum in bf16 and the library's GPU form, the Pallas kernel `rowkernel.dense_matmul`), its time, its share
       of the bound and its largest difference from the first variant's output, relative to that output's largest
   with --profile N: N more decode steps traced with jax.profiler, the device time per kernel name and per step
 
@@ -44,11 +44,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
-from jax.experimental import pallas as pl  # noqa: E402
 
 from benchmarks.bounds import min_bytes, sizes  # noqa: E402
 from configs import preset_path  # noqa: E402
-from oss_jax import moe, mxfp4, packed  # noqa: E402
+from oss_jax import layers, moe, mxfp4, packed, rowkernel  # noqa: E402
 from oss_jax.cache import cache_bytes, init_cache  # noqa: E402
 from oss_jax.config import ModelConfig  # noqa: E402
 from oss_jax.generate import _decode, decode_step, prefill_step, split_model  # noqa: E402
@@ -175,7 +174,7 @@ def _gathered_bytes(x, w, group_sizes):
     """The gathered packed matmul reading bytes (low and high nibbles apart) instead of 32-bit words."""
     e, width, n = w.shape
     a, g = x.shape[0], width // mxfp4.GROUP
-    ids, valid = packed.row_experts(group_sizes, a)
+    ids, valid = rowkernel.row_experts(group_sizes, a)
     even, odd = (h.astype(jnp.float32).reshape(a, 1, g, 16) for h in packed.split_columns(x))
     blocks = w.blocks[ids]
     half = packed._half_scale(w.scales[ids])[..., None]
@@ -187,7 +186,7 @@ def _gathered_rows(x, w, group_sizes):
     """The gathered packed matmul as one reduction per row (its expert taken by a dynamic slice, not a gather)."""
     e, width, n = w.shape
     a, g = x.shape[0], width // mxfp4.GROUP
-    ids, valid = packed.row_experts(group_sizes, a)
+    ids, valid = rowkernel.row_experts(group_sizes, a)
     words = jax.lax.bitcast_convert_type(w.blocks.reshape(e, n, g, 4, 4), jnp.uint32)
     shifts = 4 * jnp.arange(8, dtype=jnp.uint32)
     out = []
@@ -215,49 +214,32 @@ def _decoding_with(matmul, name: str, decode):
 def _dense_einsum(x, w, group_sizes):
     """Dense experts' few-rows matmul with the gathered weights kept in their dtype (float32 accumulation), where
     `moe.gathered_matmul` multiplies them upcast to float32."""
-    ids, valid = packed.row_experts(group_sizes, x.shape[0])
+    ids, valid = rowkernel.row_experts(group_sizes, x.shape[0])
     y = jnp.einsum("AD,ADN->AN", x.astype(w.dtype), w[ids], preferred_element_type=jnp.float32)
     return jnp.where(valid[:, None], y, 0.0)
 
 
-def _dense_kernel(x, w, group_sizes, block_cols: int = 128, step_rows: int = 64, programs: int = 2048,
-                  warps: int = 4):
-    """Dense experts' few-rows matmul as a Pallas kernel shaped like `packed.kernel_matmul`: a program per row x
-    `block_cols` outputs x a split of D, reading [step_rows, block_cols] of its row's expert's [D, N] weight per
-    step (contiguous along N), on `packed.row_kernel` (padding rows read nothing). Not the library's: timed here
-    first."""
-    e, d, n = w.shape
-    a = x.shape[0]
-    while d % step_rows:
-        step_rows //= 2
-    block_cols, _, splits = packed.kernel_plan(d // step_rows, n, a, block_cols, 1, programs)
-    per_split = d // step_rows // splits
-
-    def step(row, expert, cols, split, i, acc, x_ref, w_ref):
-        rows = pl.ds((split * per_split + i) * step_rows, step_rows)
-        return acc + jnp.sum(w_ref[expert, rows, cols].astype(jnp.float32)
-                             * x_ref[row, rows].astype(jnp.float32)[:, None], axis=0)
-
-    return packed.row_kernel(step, per_split, group_sizes, n, block_cols, splits, warps, None, x, w)
-
-
-DENSE = {"gathered": moe.gathered_matmul, "einsum": _dense_einsum, "kernel": _dense_kernel}
+DENSE = {"gathered": moe.gathered_matmul, "einsum": _dense_einsum, "kernel": rowkernel.dense_matmul}
 
 # kernel-R{block_rows}-G{step_groups}-P{programs}-W{warps}: `packed.kernel_matmul` tilings
 KERNELS = [(64, 2, 2048, 4), (128, 2, 2048, 8), (256, 2, 1024, 8), (32, 2, 8192, 2), (128, 2, 4096, 4),
-           (128, 1, 2048, 8)]
+           (128, 1, 2048, 8), (64, 4, 2048, 4), (64, 2, 512, 4), (32, 2, 1024, 4), (128, 2, 512, 8),
+           (64, 2, 256, 4), (32, 2, 512, 2), (16, 2, 2048, 2)]
 GATHERED = {"words": packed.gathered_matmul, "bytes": _gathered_bytes, "rows": _gathered_rows,
             "wordsbits": _decoding_with(packed.gathered_matmul, "_twice_fp4", packed.twice_fp4_bits),
             "kernel": packed.kernel_matmul,
             "kernelfloat": _decoding_with(packed.kernel_matmul, "twice_fp4_bits", packed._twice_fp4),
+            "kernelfixed": functools.partial(packed.kernel_matmul, skip_padding=False),
             **{f"kernel-R{r}-G{g}-P{p}-W{wp}": functools.partial(packed.kernel_matmul, block_rows=r, step_groups=g,
                                                                  programs=p, warps=wp)
                for r, g, p, wp in KERNELS}}
 
 
 def expert_matmuls(cfg: ModelConfig, dtype, packed_experts: bool, batches: list[int], bandwidth: float,
-                   reps: int, looped: bool, hlo_dir: Path | None, variants: list[str]) -> list[dict]:
-    """One layer's mlp1 then mlp2 grouped matmuls at decode shapes, each implementation timed alone."""
+                   reps: int, looped: bool, hlo_dir: Path | None, variants: list[str], traced: int = 0) -> list[dict]:
+    """One layer's mlp1 then mlp2 grouped matmuls at decode shapes, each implementation timed alone (wall time, and
+    with `traced` the device time of its kernels over that many traced calls: the wall time of one small call is
+    mostly the dispatch)."""
     d, f, e = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts
     key = jax.random.key(1)
     if packed_experts:
@@ -294,6 +276,17 @@ def expert_matmuls(cfg: ModelConfig, dtype, packed_experts: bool, batches: list[
             rows.append({"batch": batch, "impl": name, "rows": a, "distinct_experts": distinct,
                          "seconds": seconds, "bytes": need, "fraction_of_bound": need / bandwidth / seconds,
                          "ops": _compiled_ops(step, x1, x2, group_sizes, w1, w2)})
+            kernels = ""
+            if traced:
+                def calls(step=step, x1=x1, x2=x2, gs=group_sizes):
+                    for _ in range(traced):
+                        jax.block_until_ready(step(x1, x2, gs, w1, w2))
+                totals = kernel_times(calls)[0]
+                busy = sum(t for t, _ in totals.values()) / traced / 1e9
+                if busy:  # a host backend (CPU) records no device kernels
+                    rows[-1]["device_seconds"] = busy
+                    kernels = (f"device {busy * 1e6:7.1f} us ({need / bandwidth / busy:4.2f} of bound, "
+                               f"{sum(c for _, c in totals.values()) / traced:.0f} kernels)  ")
             if hlo_dir is not None and batch == 1:
                 text = step.lower(x1, x2, group_sizes, w1, w2).compile().as_text()
                 (hlo_dir / f"hlo_matmul_{name}.txt").write_text(text)
@@ -301,7 +294,7 @@ def expert_matmuls(cfg: ModelConfig, dtype, packed_experts: bool, batches: list[
             if reference is None:
                 reference = out  # the first implementation's: every other one is checked against it, here
             rows[-1]["max_rel_diff"] = diff = float(np.abs(out - reference).max() / np.abs(reference).max())
-            print(f"  expert matmul b{batch} {name:28s} {seconds * 1e6:9.1f} us  {need / 2**20:8.1f} MiB  "
+            print(f"  expert matmul b{batch} {name:28s} {seconds * 1e6:9.1f} us  {kernels}{need / 2**20:8.1f} MiB  "
                   f"{need / bandwidth / seconds:5.2f} of bound  max|Δ| {diff:.1e}  [{rows[-1]['ops']}]", flush=True)
     return rows
 
@@ -386,9 +379,9 @@ def run_batch(model: GptOss, cfg: ModelConfig, batch: int, args, cache_dtype) ->
             "mid_position": context + args.warmup + steps // 2}
 
 
-def profile_steps(run, steps: int, top: int = 14) -> None:
-    """Trace `run` (`steps` decode steps) with jax.profiler and print, per step, the device's kernel time by kernel
-    name (the largest `top`), the sum over all kernels and the wall time: what the step spends where."""
+def kernel_times(run) -> tuple[dict[str, list[float]], float, str]:
+    """Trace `run` with jax.profiler: per kernel name its device time (ns) and launches, the wall time (s) and the
+    device planes' stream lines (memory copies left out of the kernels)."""
     import tempfile
 
     from jax.profiler import ProfileData
@@ -411,11 +404,18 @@ def profile_steps(run, steps: int, top: int = 14) -> None:
                 t = totals.setdefault(ev.name, [0.0, 0])
                 t[0] += ev.duration_ns
                 t[1] += 1
+    lines = "; ".join(f"{p.name}: {', '.join(x.name for x in p.lines)}" for p in data.planes
+                      if p.name.startswith("/device:"))
+    return totals, wall, lines
+
+
+def profile_steps(run, steps: int, top: int = 14) -> None:
+    """Trace `run` (`steps` decode steps) and print, per step, the device's kernel time by kernel name (the largest
+    `top`), the sum over all kernels and the wall time: what the step spends where."""
+    totals, wall, lines = kernel_times(run)
     busy, launches = sum(t for t, _ in totals.values()), sum(c for _, c in totals.values())
     print(f"  profile of {steps} steps: kernels {busy / steps / 1e6:.2f} ms/step, {launches / steps:.0f} launches/step;"
-          f" wall {wall / steps * 1e3:.2f} ms/step (traced); device lines: "
-          + "; ".join(f"{p.name}: {', '.join(x.name for x in p.lines)}" for p in data.planes
-                      if p.name.startswith("/device:"))[:600], flush=True)
+          f" wall {wall / steps * 1e3:.2f} ms/step (traced); device lines: {lines[:600]}", flush=True)
     for name, (t, c) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]:
         print(f"    {t / steps / 1e3:8.1f} us/step  {c / steps:5.1f}x  {name[:90]}", flush=True)
 
@@ -460,7 +460,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=10, help="timed repetitions of each expert matmul (best)")
     p.add_argument("--skip-matmul", action="store_true", help="no expert-matmul timings")
     p.add_argument("--matmul-only", action="store_true", help="only the expert-matmul timings (no model)")
-    p.add_argument("--variants", default="words,wordsbits,kernel,kernelfloat,kernel-*",
+    p.add_argument("--variants", default="words,kernel,kernelfixed,kernel-*",
                    help="packed few-rows matmuls to time, the first checked against (NAME* for every NAME...): "
                         + ", ".join(GATHERED))
     p.add_argument("--looped", action="store_true", help="also time the packed many-rows matmuls at decode shapes "
@@ -468,14 +468,26 @@ def main() -> None:
     p.add_argument("--gathered", choices=["auto", "default", *GATHERED], default="default",
                    help="the packed few-rows matmul the model uses (default: the library's choice; auto: the "
                         "fastest at the first batch size in the timings)")
+    p.add_argument("--row-kernel-rows", type=int, default=None, help="the model's attention projections take the "
+                   f"row kernel up to this many rows on one GPU (0: never; library default {layers.ROW_KERNEL_ROWS})")
+    p.add_argument("--kernel-rows-per-expert", type=int, default=None, help="packed experts take the kernel up to "
+                   f"this many rows per expert on GPUs (default {packed.KERNEL_ROWS_PER_EXPERT})")
     p.add_argument("--no-prefill", dest="prefill", action="store_false",
                    help="decode from a cache of random keys/values instead of a timed prefill (no prefill compile)")
     p.add_argument("--profile", type=int, default=0, help="trace this many more decode steps at the first batch "
                    "size and print the device time per kernel")
+    p.add_argument("--matmul-profile", type=int, default=0, help="also trace this many calls of each expert "
+                   "matmul and print its kernels' device time (--gathered auto then picks by it)")
     p.add_argument("--hlo-dir", type=Path, default=None, help="write compiled HLO of the decode step here")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args()
+    if args.hlo_dir is not None:
+        args.hlo_dir.mkdir(parents=True, exist_ok=True)
 
+    if args.row_kernel_rows is not None:
+        layers.ROW_KERNEL_ROWS = args.row_kernel_rows
+    if args.kernel_rows_per_expert is not None:
+        packed.KERNEL_ROWS_PER_EXPERT = args.kernel_rows_per_expert
     cfg = ModelConfig.from_file(preset_path(args.model))
     dtype, packed_experts = jnp.dtype(args.dtype), args.experts == "packed"
     batches = [int(b) for b in args.batches.split(",")]
@@ -488,14 +500,16 @@ def main() -> None:
               "model": args.model, "experts": args.experts, "dtype": args.dtype, "read_bandwidth": bandwidth}
     if not args.skip_matmul:
         result["expert_matmul"] = timed = expert_matmuls(cfg, dtype, packed_experts, batches, bandwidth, args.reps,
-                                                         args.looped, args.hlo_dir, args.variants.split(","))
+                                                         args.looped, args.hlo_dir, args.variants.split(","),
+                                                         args.matmul_profile)
         gc.collect()  # its weights
         if packed_experts and args.gathered == "auto":
             best = min((r for r in timed if r["batch"] == batches[0] and r["impl"].startswith("gathered-")),
-                       key=lambda r: r["seconds"])
+                       key=lambda r: r.get("device_seconds", r["seconds"]))
             args.gathered = best["impl"].removeprefix("gathered-")
     if packed_experts and args.gathered not in ("auto", "default"):
-        packed.gathered_matmul = GATHERED[args.gathered]  # what packed.grouped_matmul calls on accelerators
+        # what packed.grouped_matmul calls for few rows: the kernel on GPUs, the gathered form on other accelerators
+        packed.gathered_matmul = packed.kernel_matmul = GATHERED[args.gathered]
         result["gathered"] = args.gathered
         print(f"model's packed gathered matmul: {args.gathered}", flush=True)
 

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from oss_jax import packed, tiles
+from oss_jax import packed, rowkernel, tiles
 from oss_jax.config import ModelConfig
 from oss_jax.params import param
 
@@ -51,11 +51,14 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> ja
     On CPU and GPUs, `tiled_grouped_matmul`, with a tiled VJP (gradients of lhs and rhs): XLA expands
     `jax.lax.ragged_dot` there into a dense product against every expert, E times the work and an [E, A, D] buffer
     (on GPUs unless cuDNN takes it, which needs a bf16 output; XLA's RaggedDotRewriter). On TPUs,
-    `jax.lax.ragged_dot`. On accelerators with at most E rows (decode), `gathered_matmul`.
+    `jax.lax.ragged_dot`. Up to E rows (decode): on GPUs the Pallas kernel `rowkernel.dense_matmul`, on other
+    accelerators `gathered_matmul`; each row reads only its own expert's weight.
     """
     if packed.on_cpu():
         return _tiled_grouped_matmul(lhs, rhs, group_sizes)
     if lhs.shape[0] <= rhs.shape[0]:
+        if packed.backend() == "gpu":
+            return rowkernel.dense_matmul(lhs, rhs, group_sizes)
         return gathered_matmul(lhs, rhs, group_sizes)
     if packed.backend() == "gpu":
         return _tiled_grouped_matmul(lhs, rhs, group_sizes)
@@ -66,7 +69,7 @@ def gathered_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> j
     """`grouped_matmul` as one reduction in which each row reads only its own expert's weight: for few rows, where a
     dense lowering of ragged_dot reads every expert's weights. The gathered weights are upcast to float32 as an
     [A, D, N] product (on an H100, 20b bf16 experts: 0.9 ms for one layer's two matmuls at 4 rows, 6.5 ms at 32)."""
-    ids, valid = packed.row_experts(group_sizes, lhs.shape[0])
+    ids, valid = rowkernel.row_experts(group_sizes, lhs.shape[0])
     y = jnp.sum(lhs.astype(jnp.float32)[:, :, None] * rhs[ids].astype(jnp.float32), axis=1)  # [A, D, N] -> [A, N]
     return jnp.where(valid[:, None], y, 0.0)
 

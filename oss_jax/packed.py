@@ -24,11 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from oss_jax import mxfp4, tiles
 from oss_jax.params import path_name
+from oss_jax.rowkernel import plan, row_experts, row_kernel
 from oss_jax.sharding import RULES, partition_spec
 
 GROUPS = "mlp_groups"  # the F/32 group axis of packed mlp2: split over `tensor` only where the groups divide
@@ -161,15 +161,6 @@ def grouped_matmul(lhs: jax.Array, w: MXFP4, group_sizes: jax.Array, dtype: jnp.
     return fixed_loop_matmul(x, w, group_sizes, dtype)
 
 
-def row_experts(group_sizes: jax.Array, a: int) -> tuple[jax.Array, jax.Array]:
-    """Expert id of each of A rows grouped by expert (sizes [E]; rows past the groups: the last expert) and whether
-    the row is in a group. Compares against every group end: no loop (a while loop syncs with the host on GPUs)."""
-    ends = jnp.cumsum(group_sizes)
-    rows = jnp.arange(a)
-    ids = jnp.sum(rows[:, None] >= ends[None, :], axis=1, dtype=jnp.int32)
-    return jnp.minimum(ids, group_sizes.shape[0] - 1), rows < ends[-1]
-
-
 def gathered_matmul(x: jax.Array, w: MXFP4, group_sizes: jax.Array) -> jax.Array:
     """x [A, in] (rows grouped by expert, sizes [E]) x packed w [E, in, out] -> [A, out] float32, one reduction.
 
@@ -216,19 +207,15 @@ def kernel_plan(g: int, n: int, a: int, block_rows: int = KERNEL_ROWS, step_grou
     """(block_rows, step_groups, splits) of `kernel_matmul` for G input groups, N output rows, A rows: the largest
     powers of two at most those asked for that divide N and G, then the fewest splits of the groups dividing
     G / step_groups that make about `programs` programs."""
-    while n % block_rows:
-        block_rows //= 2
     while g % step_groups:
         step_groups //= 2
-    steps = g // step_groups
-    splits = next(s for s in range(1, steps + 1) if steps % s == 0 and (a * (n // block_rows) * s >= programs
-                                                                        or s == steps))
+    block_rows, splits = plan(g // step_groups, n, a, block_rows, programs)
     return block_rows, step_groups, splits
 
 
 def kernel_matmul(x: jax.Array, w: MXFP4, group_sizes: jax.Array, block_rows: int = KERNEL_ROWS,
                   step_groups: int = KERNEL_STEP_GROUPS, programs: int = KERNEL_PROGRAMS,
-                  warps: int = KERNEL_WARPS, interpret: bool | None = None) -> jax.Array:
+                  warps: int = KERNEL_WARPS, interpret: bool | None = None, skip_padding: bool = True) -> jax.Array:
     """`gathered_matmul` as a Pallas kernel (Triton on GPUs, where it is the default; interpreted elsewhere).
 
     Grid: row x `block_rows` output rows x a split of the input groups (`kernel_plan`). A program reads its row's
@@ -251,35 +238,7 @@ def kernel_matmul(x: jax.Array, w: MXFP4, group_sizes: jax.Array, block_rows: in
         return acc + jnp.sum(sums * _half_scale(scales_ref[expert, outs, groups]), axis=1)
 
     return row_kernel(step, per_split // step_groups, group_sizes, n, block_rows, splits, warps, interpret,
-                      even, odd, w.blocks, w.scales)
-
-
-def row_kernel(step, steps: int, group_sizes: jax.Array, n: int, block: int, splits: int, warps: int,
-               interpret: bool | None, *operands: jax.Array) -> jax.Array:
-    """[A, N] float32 from a Pallas kernel (Triton on GPUs, interpreted elsewhere) whose program (row, block of
-    `block` outputs, split) runs acc = step(row, its expert, output slice, split, i, acc, *operand refs) for i < steps
-    (zero times for rows past the groups: they read nothing) and writes acc; the splits' partial sums are added.
-    The rows (operands' first axis, grouped by expert, sizes [E]) come from `group_sizes`."""
-    a = operands[0].shape[0]
-    ids, valid = row_experts(group_sizes, a)
-
-    def kernel(ids_ref, valid_ref, *refs):
-        *operand_refs, out_ref = refs
-        row, expert, split = pl.program_id(0), ids_ref[pl.program_id(0)], pl.program_id(2)
-        outs = pl.ds(pl.program_id(1) * block, block)
-
-        def body(i, acc):
-            return step(row, expert, outs, split, i, acc, *operand_refs)
-        out_ref[...] = jax.lax.fori_loop(0, jnp.where(valid_ref[row] != 0, steps, 0), body,
-                                         jnp.zeros((block,), jnp.float32))
-
-    partial = pl.pallas_call(
-        kernel, out_shape=jax.ShapeDtypeStruct((splits, a, n), jnp.float32), grid=(a, n // block, splits),
-        out_specs=pl.BlockSpec((pl.squeezed, pl.squeezed, block), lambda i, j, k: (k, i, j)),
-        compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=3),  # Triton, not Mosaic GPU
-        interpret=jax.default_backend() != "gpu" if interpret is None else interpret,
-    )(ids, valid.astype(jnp.int32), *operands)
-    return partial.sum(axis=0)
+                      even, odd, w.blocks, w.scales, skip_padding=skip_padding)
 
 
 def looped_matmul(x: jax.Array, w: MXFP4, group_sizes: jax.Array, dtype: jnp.dtype) -> jax.Array:

@@ -1,6 +1,6 @@
 """The tiled grouped matmul (tiles of one expert each) and its tiled VJP against float64 numpy and jax.lax.ragged_dot,
-in its CPU form and in GPUs' (forced here: one tile size, a fixed trip count); the accelerators' gathered decode path
-against float64."""
+in its CPU form and in GPUs' (forced here: one tile size, a fixed trip count); the accelerators' decode paths (the
+gathered reduction, GPUs' row kernel) against float64."""
 
 import functools
 
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from oss_jax import moe, tiles
+from oss_jax import moe, rowkernel, tiles
 
 D, N = 48, 40
 
@@ -120,16 +120,19 @@ def test_gpu_form_matches_float64(case, force_backend):
         assert needed == trips == 21
 
 
-@pytest.mark.parametrize("case", ["decode-b1", "decode-repeats", "decode-padding", "a1-padding", "padding-rows"])
-def test_gathered_matmul_matches_float64(case):
-    """The accelerators' decode path (each row gathers its own expert's weight), run here on CPU: forward and
-    gradients from the definition, rows past the groups exactly 0."""
+@pytest.mark.parametrize("form, case", [("gathered", c) for c in ["decode-b1", "decode-repeats", "decode-padding",
+                                                                   "a1-padding", "padding-rows"]]
+                         + [("kernel", c) for c in ["decode-b1", "decode-repeats", "decode-padding", "a1-padding"]])
+def test_decode_forms_match_float64(form, case):
+    """The accelerators' decode paths, each row reading only its own expert's weight, run here on CPU: the gathered
+    reduction (TPUs) and GPUs' Pallas kernel `rowkernel.dense_matmul` (interpreted; its VJP is plain XLA): forward
+    and gradients from the definition, rows past the groups exactly 0."""
     sizes, a = CASES[case]
     lhs, rhs, gs, g = inputs(sizes, a)
-    got = value_and_grads(moe.gathered_matmul, lhs, rhs, gs, g)
+    got = value_and_grads(moe.gathered_matmul if form == "gathered" else rowkernel.dense_matmul, lhs, rhs, gs, g)
     want = reference(lhs, rhs, sizes, g)
     errs = [float(np.abs(x - w).max(initial=0.0)) for x, w in zip(got, want, strict=True)]
-    print(f"{case}: gathered max |err| vs float64 y/d_lhs/d_rhs " + " ".join(f"{e:.1e}" for e in errs))
+    print(f"{case}: {form} max |err| vs float64 y/d_lhs/d_rhs " + " ".join(f"{e:.1e}" for e in errs))
     for x, w in zip(got, want, strict=True):
         np.testing.assert_allclose(x, w, rtol=1e-5, atol=1e-5 * (1 + np.abs(w).max(initial=0.0)))
     assert not got[0][sum(sizes):].any()

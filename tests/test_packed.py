@@ -8,6 +8,7 @@ test_plan's `parity --mesh expert=4` sharded).
 
 import contextlib
 import dataclasses
+import functools
 import json
 
 import jax
@@ -15,12 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jaxprs import HOST_WAITS, primitives
+from jaxprs import HOST_WAITS, primitives, triton_modules_verified
 
 from convert import layouts
 from convert.streaming import convert_checkpoint
 from convert.synthetic import make_checkpoint, random_hf_tensors
-from oss_jax import checkpoint, cli, mxfp4, packed
+from oss_jax import checkpoint, cli, layers, mxfp4, packed, rowkernel
 from oss_jax.cache import init_cache
 from oss_jax.generate import decode_step, prefill_step, split_model
 from oss_jax.model import forward, model_from_params
@@ -148,6 +149,26 @@ def test_fixed_loop_matmul_runs_the_most_tiles_a_routing_can_make():
     assert err <= 1e-6 * np.abs(exact).max()
 
 
+@pytest.mark.parametrize("kernel", ["packed", "packed-no-skip", "dense"])
+def test_kernels_lower_to_triton_modules_that_verify(kernel):
+    """GPUs' Pallas kernels (`packed.kernel_matmul`, with and without skipping padding rows; `rowkernel.dense_kernel`)
+    lowered for CUDA (Triton, not interpreted) at decode shapes with padding rows and an unused expert: every Triton
+    module passes MLIR's verifier, as XLA:GPU requires when it compiles them. A trip count that was data once lowered
+    to an scf.for whose bounds differ in type, which only a GPU run had shown."""
+    e, d, n = 4, 128, 256
+    x, sizes = jnp.ones((8, d), jnp.bfloat16), jnp.array([2, 3, 0, 1], jnp.int32)
+    if kernel == "dense":
+        count = triton_modules_verified(functools.partial(rowkernel.dense_kernel, interpret=False), x,
+                                        jnp.ones((e, d, n), jnp.bfloat16), sizes)
+    else:
+        w = packed.MXFP4(jnp.zeros((e, n, d // mxfp4.GROUP, 16), jnp.uint8),
+                         jnp.full((e, n, d // mxfp4.GROUP), 127, jnp.uint8))
+        count = triton_modules_verified(lambda x, w, g: packed.kernel_matmul(
+            x, w, g, interpret=False, skip_padding=kernel == "packed"), x, w, sizes)
+    print(f"{kernel}: {count} Triton module(s) verified")
+    assert count == 1
+
+
 @pytest.mark.parametrize("shape", [{}, {"expert": 8}], ids=["one device", "expert=8"])
 def test_gpu_steps_have_no_data_dependent_loops(short, shape, force_backend):
     """Prefill and decode traced in GPUs' forms (packed and dense experts) hold no `while` (a loop whose trip count
@@ -217,13 +238,14 @@ def test_accelerator_expert_paths_equal_the_cpu_paths(short, tokens, shape, monk
     """The expert matmuls GPUs/TPUs take, forced here on CPU, through prefill + 3 cached decode steps: float32 logits
     within 1e-5 of the largest, packed and dense; two layers, one of each kind.
 
-    One device: decode rows gather their expert's weight (packed on GPUs: the Pallas kernel, interpreted, which
-    also takes the 128-row prefill: at most 8 rows per expert); prefill runs a fixed count of expert tiles (packed
-    on TPUs, dense on GPUs) or ragged_dot (dense on TPUs). The meshes run GPUs' forms only. data=2,expert=4: every
-    shard's dispatch buffer holds more rows than its 6 experts, mostly padding; packed decode runs the kernel
-    (padding rows skipped), prefill the fixed tiles, and dense both the tiles. data=4,tensor=2 (packed): the kernel
-    inside shard_map, mlp1's outputs split over `tensor`, mlp2's 5 input groups whole on each device (the rows
-    placed at their offset)."""
+    One device: decode rows gather their expert's weight (on GPUs the Pallas kernels, interpreted: packed, which also
+    takes the 128-row prefill, at most 8 rows per expert, and dense), decode's attention projections the dense row
+    kernel (opt-in, `layers.ROW_KERNEL_ROWS`: set here with packed experts); prefill runs a fixed count of expert
+    tiles (packed on TPUs, dense on GPUs) or ragged_dot (dense on TPUs). The meshes run GPUs' forms only.
+    data=2,expert=4: every shard's dispatch buffer holds more rows than its 6 experts, mostly padding; packed decode
+    runs the kernel (padding rows skipped), prefill the fixed tiles, and dense both the tiles. data=4,tensor=2
+    (packed): the kernel inside shard_map, mlp1's outputs split over `tensor`, mlp2's 5 input groups whole on each
+    device (the rows placed at their offset)."""
     cfg, params = short
     mesh = make_mesh(shape) if shape else None
     for packed_experts in (True, False) if "tensor" not in shape else (True,):
@@ -246,13 +268,23 @@ def test_accelerator_expert_paths_equal_the_cpu_paths(short, tokens, shape, monk
         with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
             want = run()
             for form in forms:
-                kernel_calls = []
+                kernel_calls, row_calls = [], []
                 monkeypatch.setattr(packed, "backend", lambda form=form: form)
+                if packed_experts:  # opt-in: the projections' row kernel too (once: it costs time interpreted)
+                    monkeypatch.setattr(layers, "ROW_KERNEL_ROWS", 8)
                 monkeypatch.setattr(packed, "kernel_matmul", lambda *a, calls=kernel_calls, real=packed.kernel_matmul,
                                     **k: calls.append(a[0].shape) or real(*a, **k))
+                monkeypatch.setattr(rowkernel, "dense_matmul", lambda *a, calls=row_calls,
+                                    real=rowkernel.dense_matmul: calls.append(a[1].shape) or real(*a))
                 got = run()
                 monkeypatch.undo()
                 assert bool(kernel_calls) == (form == "gpu" and packed_experts)  # decode's mlp1 and mlp2
+                if not shape:  # decode's q, k, v, o projections on one GPU (packed), dense experts' mlp1 and mlp2
+                    d, h = cfg.hidden_size, cfg.head_dim
+                    q, kv = cfg.num_attention_heads * h, cfg.num_key_value_heads * h
+                    projections = {(1, d, q), (1, d, kv), (1, q, d)} if form == "gpu" and packed_experts else set()
+                    assert {w for w in row_calls if w[0] == 1} == projections
+                    assert any(w[0] > 1 for w in row_calls) == (form == "gpu" and not packed_experts)
                 err, scale = float(np.abs(got - want).max()), float(np.abs(want).max())
                 print(f"{shape or 'one device'} {'packed' if packed_experts else 'dense'}: {form} vs CPU expert paths "
                       f"max |Δlogit| {err:.2e} (max |logit| {scale:.1f})")
