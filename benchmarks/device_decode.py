@@ -229,7 +229,6 @@ GATHERED = {"words": packed.gathered_matmul, "bytes": _gathered_bytes, "rows": _
             "wordsbits": _decoding_with(packed.gathered_matmul, "_twice_fp4", packed.twice_fp4_bits),
             "kernel": packed.kernel_matmul,
             "kernelfloat": _decoding_with(packed.kernel_matmul, "twice_fp4_bits", packed._twice_fp4),
-            "kernelfixed": functools.partial(packed.kernel_matmul, skip_padding=False),
             **{f"kernel-R{r}-G{g}-P{p}-W{wp}": functools.partial(packed.kernel_matmul, block_rows=r, step_groups=g,
                                                                  programs=p, warps=wp)
                for r, g, p, wp in KERNELS}}
@@ -460,7 +459,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=10, help="timed repetitions of each expert matmul (best)")
     p.add_argument("--skip-matmul", action="store_true", help="no expert-matmul timings")
     p.add_argument("--matmul-only", action="store_true", help="only the expert-matmul timings (no model)")
-    p.add_argument("--variants", default="words,kernel,kernelfixed,kernel-*",
+    p.add_argument("--variants", default="words,kernel,kernel-*",
                    help="packed few-rows matmuls to time, the first checked against (NAME* for every NAME...): "
                         + ", ".join(GATHERED))
     p.add_argument("--looped", action="store_true", help="also time the packed many-rows matmuls at decode shapes "

@@ -186,7 +186,8 @@ KERNEL_PROGRAMS = 2048  # split `in` over programs until about this many run: en
 KERNEL_WARPS = 4  # warps per program; 2-8 with other tilings measured within the run-to-run spread on an H100
 # GPUs take `kernel_matmul` up to this many rows per expert: it reads a row's expert's packed bytes once per row in
 # a group (none for padding rows), where `fixed_loop_matmul` decodes E to 2E whole experts, writing and reading back
-# ~8.5x their packed bytes in bf16
+# ~8.5x their packed bytes in bf16. On an H100, 120b's 256-token prefill chunks (8 rows per expert) ran 564 tok/s
+# through the kernel and 359 through the fixed loop
 KERNEL_ROWS_PER_EXPERT = 8
 _FP4_TABLE = 0xC8643210  # nibble c of this word: 2 x |fp4 code c| for c in 0-7 (0, 1, 2, 3, 4, 6, 8, 12)
 _MAGIC = 0x4B000000  # float32 2^23: OR-ing an integer m < 2^23 into its mantissa gives 2^23 + m
@@ -215,14 +216,14 @@ def kernel_plan(g: int, n: int, a: int, block_rows: int = KERNEL_ROWS, step_grou
 
 def kernel_matmul(x: jax.Array, w: MXFP4, group_sizes: jax.Array, block_rows: int = KERNEL_ROWS,
                   step_groups: int = KERNEL_STEP_GROUPS, programs: int = KERNEL_PROGRAMS,
-                  warps: int = KERNEL_WARPS, interpret: bool | None = None, skip_padding: bool = True) -> jax.Array:
+                  warps: int = KERNEL_WARPS, interpret: bool | None = None) -> jax.Array:
     """`gathered_matmul` as a Pallas kernel (Triton on GPUs, where it is the default; interpreted elsewhere).
 
     Grid: row x `block_rows` output rows x a split of the input groups (`kernel_plan`). A program reads its row's
     expert's packed bytes `step_groups` groups at a time, [block_rows, step_groups, 16] (contiguous within each
     output row), decodes both nibbles in registers (`twice_fp4_bits`), multiplies the even and odd input columns,
     sums each group and applies its scale; the splits' partial sums are added after. Rows past the groups (padding)
-    loop zero times: they read nothing.
+    read nothing (`rowkernel.row_kernel`).
     """
     e, width, n = w.shape
     a, g = x.shape[0], width // mxfp4.GROUP
@@ -238,7 +239,7 @@ def kernel_matmul(x: jax.Array, w: MXFP4, group_sizes: jax.Array, block_rows: in
         return acc + jnp.sum(sums * _half_scale(scales_ref[expert, outs, groups]), axis=1)
 
     return row_kernel(step, per_split // step_groups, group_sizes, n, block_rows, splits, warps, interpret,
-                      even, odd, w.blocks, w.scales, skip_padding=skip_padding)
+                      even, odd, w.blocks, w.scales)
 
 
 def looped_matmul(x: jax.Array, w: MXFP4, group_sizes: jax.Array, dtype: jnp.dtype) -> jax.Array:

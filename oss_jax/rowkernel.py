@@ -30,13 +30,11 @@ def row_experts(group_sizes: jax.Array, a: int) -> tuple[jax.Array, jax.Array]:
 
 
 def row_kernel(step, steps: int, group_sizes: jax.Array, n: int, block: int, splits: int, warps: int,
-               interpret: bool | None, *operands: jax.Array, skip_padding: bool = True) -> jax.Array:
+               interpret: bool | None, *operands: jax.Array) -> jax.Array:
     """[A, N] float32 from a Pallas kernel (Triton on GPUs, interpreted elsewhere) whose program (row, block of
     `block` outputs, split) runs acc = step(row, its expert, output slice, split, i, acc, *operand refs) for i < steps
-    (zero times for rows past the groups: they read nothing) and writes acc; the splits' partial sums are added.
-    The rows (operands' first axis, grouped by expert, sizes [E]) come from `group_sizes`. `skip_padding=False`:
-    every program loops `steps` times (a trip count the compiler knows), padding rows reading their last expert
-    and set to 0 after."""
+    and writes acc (rows past the groups skip the loop and write 0: they read nothing); the splits' partial sums are
+    added. The rows (operands' first axis, grouped by expert, sizes [E]) come from `group_sizes`."""
     a = operands[0].shape[0]
     ids, valid = row_experts(group_sizes, a)
 
@@ -48,15 +46,13 @@ def row_kernel(step, steps: int, group_sizes: jax.Array, n: int, block: int, spl
         def body(i, acc):
             return step(row, expert, outs, split, i, acc, *operand_refs)
 
-        def run():
-            out_ref[...] = jax.lax.fori_loop(0, steps, body, jnp.zeros((block,), jnp.float32))
-        if not skip_padding:
-            run()
-            return
-        # a branch, not a trip count that is data: that lowered to an scf.for whose bounds differ in type, which
-        # XLA:GPU rejects (tests/test_packed.py verifies the Triton module on CPU)
+        # a branch around a loop of `steps`, not a trip count that is data: that lowered to an scf.for whose bounds
+        # differ in type, which XLA:GPU rejects (tests/test_packed.py verifies the Triton module on CPU)
         valid = valid_ref[row] != 0
-        pl.when(valid)(run)
+
+        @pl.when(valid)
+        def _():
+            out_ref[...] = jax.lax.fori_loop(0, steps, body, jnp.zeros((block,), jnp.float32))
 
         @pl.when(jnp.logical_not(valid))
         def _():
@@ -68,7 +64,7 @@ def row_kernel(step, steps: int, group_sizes: jax.Array, n: int, block: int, spl
         compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=3),  # Triton, not Mosaic GPU
         interpret=jax.default_backend() != "gpu" if interpret is None else interpret,
     )(ids, valid.astype(jnp.int32), *operands)
-    return partial.sum(axis=0) if skip_padding else jnp.where(valid[:, None], partial.sum(axis=0), 0.0)
+    return partial.sum(axis=0)
 
 
 def plan(steps: int, n: int, a: int, block: int, programs: int) -> tuple[int, int]:
