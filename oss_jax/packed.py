@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from oss_jax import mxfp4, tiles
 from oss_jax.params import path_name
-from oss_jax.rowkernel import plan, row_experts, row_kernel
+from oss_jax.rowkernel import grid_plan, row_experts, row_kernel
 from oss_jax.sharding import RULES, partition_spec
 
 GROUPS = "mlp_groups"  # the F/32 group axis of packed mlp2: split over `tensor` only where the groups divide
@@ -210,7 +210,7 @@ def kernel_plan(g: int, n: int, a: int, block_rows: int = KERNEL_ROWS, step_grou
     G / step_groups that make about `programs` programs."""
     while g % step_groups:
         step_groups //= 2
-    block_rows, splits = plan(g // step_groups, n, a, block_rows, programs)
+    block_rows, splits = grid_plan(g // step_groups, n, a, block_rows, programs)
     return block_rows, step_groups, splits
 
 

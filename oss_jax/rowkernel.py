@@ -67,7 +67,7 @@ def row_kernel(step, steps: int, group_sizes: jax.Array, n: int, block: int, spl
     return partial.sum(axis=0)
 
 
-def plan(steps: int, n: int, a: int, block: int, programs: int) -> tuple[int, int]:
+def grid_plan(steps: int, n: int, a: int, block: int, programs: int) -> tuple[int, int]:
     """(block, splits) for A rows, N outputs and `steps` loop steps over the input: the largest power of two at most
     `block` dividing N, then the fewest splits of the steps (dividing them) that make about `programs` programs."""
     while n % block:
@@ -86,7 +86,7 @@ def dense_kernel(x: jax.Array, w: jax.Array, group_sizes: jax.Array, interpret: 
     step_rows = DENSE_STEP
     while d % step_rows:
         step_rows //= 2
-    block, splits = plan(d // step_rows, n, a, DENSE_COLS, DENSE_PROGRAMS)
+    block, splits = grid_plan(d // step_rows, n, a, DENSE_COLS, DENSE_PROGRAMS)
     per_split = d // step_rows // splits
 
     def step(row, expert, cols, split, i, acc, x_ref, w_ref):

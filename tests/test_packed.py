@@ -130,7 +130,6 @@ def test_grouped_matmul_equals_dense(rows, experts, din, dout):
             assert err <= 2 * ref_err + 1e-6  # as accurate as the dense path (float32 accumulation in both)
 
 
-
 def test_fixed_loop_matmul_runs_the_most_tiles_a_routing_can_make():
     """64 rows over 8 experts (tiles of 8): groups of 8m + 1 rows make 15 tiles, the loop's fixed count, so no step is
     spare; every row equals the float64 product."""
