@@ -221,17 +221,24 @@ def _dense_einsum(x, w, group_sizes):
 
 DENSE = {"gathered": moe.gathered_matmul, "einsum": _dense_einsum, "kernel": rowkernel.dense_matmul}
 
-# kernel-R{block_rows}-G{step_groups}-P{programs}-W{warps}: `packed.kernel_matmul` tilings
+# kernel-R{block_rows}-G{step_groups}-P{programs}-W{warps}[-L{loads}]: `packed.kernel_matmul` tilings (its
+# decoding: --kernel-decode)
 KERNELS = [(64, 2, 2048, 4), (128, 2, 2048, 8), (256, 2, 1024, 8), (32, 2, 8192, 2), (128, 2, 4096, 4),
            (128, 1, 2048, 8), (64, 4, 2048, 4), (64, 2, 512, 4), (32, 2, 1024, 4), (128, 2, 512, 8),
-           (64, 2, 256, 4), (32, 2, 512, 2), (16, 2, 2048, 2)]
+           (64, 2, 256, 4), (32, 2, 512, 2), (16, 2, 2048, 2), (128, 2, 2048, 4), (128, 2, 1024, 4),
+           (64, 2, 1024, 4), (64, 2, 4096, 4), (64, 2, 2048, 8), (64, 2, 2048, 2)]
+KERNELS += [(64, 2, 2048, 4, 3), (64, 2, 2048, 4, 5), (64, 2, 1024, 4, 5), (128, 2, 2048, 4, 3), (64, 2, 2048, 8, 5),
+            (128, 2, 1024, 8, 5), (64, 2, 512, 4, 5), (32, 2, 2048, 4, 5)]  # -L{loads}
 GATHERED = {"words": packed.gathered_matmul, "bytes": _gathered_bytes, "rows": _gathered_rows,
             "wordsbits": _decoding_with(packed.gathered_matmul, "_twice_fp4", packed.twice_fp4_bits),
             "kernel": packed.kernel_matmul,
-            "kernelfloat": _decoding_with(packed.kernel_matmul, "twice_fp4_bits", packed._twice_fp4),
-            **{f"kernel-R{r}-G{g}-P{p}-W{wp}": functools.partial(packed.kernel_matmul, block_rows=r, step_groups=g,
-                                                                 programs=p, warps=wp)
-               for r, g, p, wp in KERNELS}}
+            **{f"kernel-{d}": functools.partial(packed.kernel_matmul, decode=d) for d in packed.KERNEL_DECODES},
+            "kernelfloat": _decoding_with(functools.partial(packed.kernel_matmul, decode="bits"), "twice_fp4_bits",
+                                          packed._twice_fp4),
+            **{f"kernel-R{r}-G{g}-P{p}-W{wp}" + (f"-L{k[0]}" if k else ""):
+               functools.partial(packed.kernel_matmul, block_rows=r, step_groups=g, programs=p, warps=wp,
+                                 loads=k[0] if k else 1)
+               for r, g, p, wp, *k in KERNELS}}
 
 
 def expert_matmuls(cfg: ModelConfig, dtype, packed_experts: bool, batches: list[int], bandwidth: float,
@@ -325,6 +332,34 @@ def random_cache(cfg: ModelConfig, batch: int, context: int, slots: int, cache_d
     return [c.write(kv, kv, pos) for c in init_cache(cfg, batch, slots, cache_dtype)]
 
 
+@functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=4)
+def greedy_steps(graph, leaves, tokens, positions, caches, k: int):
+    """k greedy decode steps in one call (a loop on the device): tokens [B] at positions [B] -> the next k [B, k]."""
+    model = graph.merge(leaves)
+
+    def one(i, carry):
+        out, caches = carry
+        hidden, caches = model.hidden(out[:, i - 1][:, None], (positions + i - 1)[:, None], caches)
+        token = jnp.argmax(model.unembed_logits(hidden[:, 0]), axis=-1).astype(jnp.int32)
+        return out.at[:, i].set(token), caches
+
+    out = jnp.zeros((tokens.shape[0], k + 1), jnp.int32).at[:, 0].set(tokens)
+    out, caches = jax.lax.fori_loop(1, k + 1, one, (out, caches))
+    return out[:, 1:], caches
+
+
+def dispatch_time(parts: tuple, tokens, positions, caches, calls: int = 20) -> float:
+    """Seconds per call of a jitted function that takes the decode step's arguments (the model as `parts`, a
+    static first one and arrays) and does nothing: the host's cost of hashing, flattening and passing them."""
+    fn = jax.jit(lambda static, arrays, tokens, positions, caches: tokens, static_argnums=0)
+    jax.block_until_ready(fn(*parts, tokens, positions, caches))
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        out = fn(*parts, tokens, positions, caches)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / calls
+
+
 def run_batch(model: GptOss, cfg: ModelConfig, batch: int, args, cache_dtype) -> dict:
     context, steps, chunk = args.context, args.steps, min(args.chunk, args.context)
     slots = -(-(context + steps + args.warmup) // 256) * 256
@@ -343,13 +378,13 @@ def run_batch(model: GptOss, cfg: ModelConfig, batch: int, args, cache_dtype) ->
         caches = random_cache(cfg, batch, context, slots, cache_dtype)
         tokens = jnp.asarray(prompt[:, -1])
     if args.hlo_dir is not None and batch == 1:
-        graphdef, state = nnx.split(model)
-        compiled = _decode.lower(graphdef, state, tokens, jnp.full((batch,), context, jnp.int32), caches).compile()
+        compiled = _decode.lower(*split_model(model), tokens, jnp.full((batch,), context, jnp.int32), caches).compile()
         text = compiled.as_text()
         (args.hlo_dir / "hlo_decode.txt").write_text(text)
         print(f"  decode step launches: [{_ops_of(text)}]", flush=True)
 
     position = jnp.full((batch,), context, jnp.int32)
+    unsplit = nnx.split(model)  # (graphdef, nnx.State): how the steps took the model before SplitModel held leaves
     model = split_model(model)  # once: nnx.split per step would cost more than the step
     t0 = time.perf_counter()
     for i in range(args.warmup):
@@ -362,8 +397,25 @@ def run_batch(model: GptOss, cfg: ModelConfig, batch: int, args, cache_dtype) ->
     for i in range(steps):
         logits, caches = decode_step(model, tokens, position + args.warmup + i, caches)
         tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    issue_s = (time.perf_counter() - t0) / steps  # the host's share: equal to decode_s when the host is the limit
     jax.block_until_ready(tokens)
     decode_s = (time.perf_counter() - t0) / steps
+    dispatch_s, unsplit_s = (dispatch_time(parts, tokens, position, caches) for parts in (model, unsplit))
+    print(f"  host: {issue_s * 1e3:.2f} ms/step to issue the steps; a jitted function of the same arguments that does "
+          f"nothing: {dispatch_s * 1e3:.2f} ms per call ({unsplit_s * 1e3:.2f} ms with an nnx GraphDef and State)",
+          flush=True)
+    fused = {}
+    if args.fused_steps:
+        k = args.fused_steps
+        start = position + args.warmup + steps
+        new, caches = jax.block_until_ready(greedy_steps(*model, tokens, start, caches, k))  # compiles
+        t0 = time.perf_counter()
+        for i in range(1, steps // k + 1):
+            new, caches = greedy_steps(*model, new[:, -1], start + i * k, caches, k)
+        jax.block_until_ready(new)
+        tokens = new[:, -1]
+        fused = {"fused_steps": k, "fused_tok_s": batch * k * (steps // k) / (time.perf_counter() - t0)}
+        print(f"  {k} greedy steps per call (fori_loop): {fused['fused_tok_s']:.1f} tok/s", flush=True)
     if args.profile and batch == int(args.batches.split(",")[0]):
         def more_steps():
             nonlocal tokens, caches
@@ -375,6 +427,7 @@ def run_batch(model: GptOss, cfg: ModelConfig, batch: int, args, cache_dtype) ->
     return {"batch": batch, "context": context, "cache_slots": slots, "cache_bytes": cache_bytes(caches),
             "prefill_tok_s": batch * context / prefill_s, "prefill_first_s": first_prefill,
             "decode_warmup_s": warm_s, "decode_step_s": decode_s, "decode_tok_s": batch / decode_s,
+            "issue_step_s": issue_s, "dispatch_s": dispatch_s, "dispatch_nnx_s": unsplit_s, **fused,
             "mid_position": context + args.warmup + steps // 2}
 
 
@@ -397,7 +450,8 @@ def kernel_times(run) -> tuple[dict[str, list[float]], float, str]:
         if not plane.name.startswith("/device:"):
             continue
         for line in plane.lines:
-            if "stream" not in line.name.lower() or "memcpy" in line.name.lower():
+            name = line.name.lower()  # e.g. "Stream #14(Compute)", "Stream #14(MemcpyD2D,Compute)"
+            if "stream" not in name or ("memcpy" in name and "compute" not in name):
                 continue
             for ev in line.events:
                 t = totals.setdefault(ev.name, [0.0, 0])
@@ -471,6 +525,10 @@ def main() -> None:
                    f"row kernel up to this many rows on one GPU (0: never; library default {layers.ROW_KERNEL_ROWS})")
     p.add_argument("--kernel-rows-per-expert", type=int, default=None, help="packed experts take the kernel up to "
                    f"this many rows per expert on GPUs (default {packed.KERNEL_ROWS_PER_EXPERT})")
+    p.add_argument("--kernel-decode", choices=packed.KERNEL_DECODES, default=None, help="how the packed kernel "
+                   f"decodes fp4, for the model and the kernel-R* tilings (default {packed.KERNEL_DECODE})")
+    p.add_argument("--fused-steps", type=int, default=0, help="also time greedy decoding of this many steps per "
+                   "call (a fori_loop on the device: the host issues one call per that many tokens)")
     p.add_argument("--no-prefill", dest="prefill", action="store_false",
                    help="decode from a cache of random keys/values instead of a timed prefill (no prefill compile)")
     p.add_argument("--profile", type=int, default=0, help="trace this many more decode steps at the first batch "
@@ -485,6 +543,8 @@ def main() -> None:
 
     if args.row_kernel_rows is not None:
         layers.ROW_KERNEL_ROWS = args.row_kernel_rows
+    if args.kernel_decode is not None:
+        packed.KERNEL_DECODE = args.kernel_decode
     if args.kernel_rows_per_expert is not None:
         packed.KERNEL_ROWS_PER_EXPERT = args.kernel_rows_per_expert
     cfg = ModelConfig.from_file(preset_path(args.model))

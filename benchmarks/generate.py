@@ -228,8 +228,7 @@ def worker_ours(args) -> dict:
     res: dict = {"load_s": time.perf_counter() - t0, "rss_after_load": peak_rss()}
     res["param_bytes"] = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
     prefill, decode = generate.prefill_step, generate.decode_step
-    graphdef, state = nnx.split(model)
-    steps_model = generate.SplitModel(graphdef, state)  # split once, as generate() does
+    steps_model = generate.split_model(model)  # split once, as generate() does
 
     def cost_of(compiled) -> dict:
         ca = compiled.cost_analysis()
@@ -238,7 +237,9 @@ def worker_ours(args) -> dict:
 
     def cost(step, *inputs) -> dict:
         """XLA's cost analysis of `step(model, *inputs)` compiled (one jit around the package's own, public API)."""
-        return cost_of(jax.jit(lambda st, *a: step(nnx.merge(graphdef, st), *a)).lower(state, *inputs).compile())
+        graph = steps_model.graph
+        return cost_of(jax.jit(lambda leaves, *a: step(graph.merge(leaves), *a)).lower(steps_model.leaves, *inputs)
+                       .compile())
 
     def grouped_matmul_cost(rows: int) -> dict:
         """XLA's cost analysis of one layer's two expert grouped matmuls, compiled alone for `rows` assignments: what

@@ -8,7 +8,7 @@ last expert again in the spare steps of a fixed-count loop): no dequantized copy
 Decoding is exact: twice an fp4 value is an integer in {0, 1, 2, 3, 4, 6, 8, 12} (built from the code's bits as a
 float32), times 2^(scale - 128). Even and odd elements of each 32-group (low and high nibbles) are decoded apart and
 multiply the even and odd input columns: no interleaving copy is made. Plain XLA, except for few rows on GPUs
-(decode), where a Pallas kernel decodes in registers.
+(decode), where a Pallas kernel decodes in registers (through fp8 e4m3 bytes, in inline PTX: `kernel_matmul`).
 
 The packed leaves are `Packed` variables, not `nnx.Param`: an optimizer over nnx.Param never sees them
 (packed experts are an inference representation).
@@ -180,14 +180,16 @@ def gathered_matmul(x: jax.Array, w: MXFP4, group_sizes: jax.Array) -> jax.Array
     return jnp.where(valid[:, None], y, 0.0)
 
 
-KERNEL_ROWS = 64  # output rows per program of `kernel_matmul`
-KERNEL_STEP_GROUPS = 2  # input groups a program reads per loop step: 32 bytes of each output row, a whole sector
+# `kernel_matmul`'s tiling, chosen on an H100 (one layer's mlp1 + mlp2 at 20b decode shapes, device time, batch 1 /
+# 8): 128 output rows and 3 loads per step 58.8 / 339.9 us, 64 rows 59.1 / 363.0, one load per step 62.5 / 381.1
+KERNEL_ROWS = 128  # output rows per program (at most: the largest power of two dividing N, 64 for N = 2,880)
+KERNEL_STEP_GROUPS = 2  # input groups a program reads per load: 32 bytes of each output row, a whole sector
 KERNEL_PROGRAMS = 2048  # split `in` over programs until about this many run: enough loads in flight on a GPU
 KERNEL_WARPS = 4  # warps per program; 2-8 with other tilings measured within the run-to-run spread on an H100
 # GPUs take `kernel_matmul` up to this many rows per expert: it reads a row's expert's packed bytes once per row in
 # a group (none for padding rows), where `fixed_loop_matmul` decodes E to 2E whole experts, writing and reading back
 # ~8.5x their packed bytes in bf16. On an H100, 120b's 256-token prefill chunks (8 rows per expert) ran 564 tok/s
-# through the kernel and 359 through the fixed loop
+# through the kernel (986 with the fp8 decoding and 3 loads a step) and 359 through the fixed loop
 KERNEL_ROWS_PER_EXPERT = 8
 _FP4_TABLE = 0xC8643210  # nibble c of this word: 2 x |fp4 code c| for c in 0-7 (0, 1, 2, 3, 4, 6, 8, 12)
 _MAGIC = 0x4B000000  # float32 2^23: OR-ing an integer m < 2^23 into its mantissa gives 2^23 + m
@@ -196,50 +198,130 @@ _MAGIC = 0x4B000000  # float32 2^23: OR-ing an integer m < 2^23 into its mantiss
 def twice_fp4_bits(codes: jax.Array) -> jax.Array:
     """`_twice_fp4` with integer ops only (uint32 codes 0-15 -> float32): a table lookup by shift, the magnitude
     made a float by the 2^23 trick, the sign OR-ed in. No int->float conversions or selects, which GPUs run at a
-    fraction of the float rate: in `kernel_matmul` on an H100, `_twice_fp4` took 275 us where this takes 175."""
+    fraction of the float rate: in `kernel_matmul` on an H100, `_twice_fp4` took 275 us where this takes 175 (and
+    the fp8 decoding, `e4m3_nibbles_asm`, 63.5 where this took 73.4, in a later tiling)."""
     magnitude = (jnp.uint32(_FP4_TABLE) >> ((codes & 7) << 2)) & 15
     value = jax.lax.bitcast_convert_type(magnitude | _MAGIC, jnp.float32) - float(2**23)
     sign = (codes & 8) << 28
     return jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(value, jnp.uint32) | sign, jnp.float32)
 
 
+# fp4 e2m1 -> fp8 e4m3 by moving bits: the code's exponent and mantissa (e1 e0 m) shifted up by 2 in each byte,
+# its sign to bit 7. The e4m3 byte's value is exactly the fp4 value times 2^-6 (e = 0, m = 1 is an e4m3 subnormal,
+# 2^-7 = 0.5 x 2^-6), which a hardware conversion (sm_89+) turns into a float.
+E4M3_SHIFT = 6  # the e4m3 byte's value x 2^6 = the fp4 value
+# The same in PTX, on the four bytes of a packed register at once: the e4m3 bytes of their low (or high) nibbles,
+# two per conversion to f16x2, then f16 -> f32. Outputs $0-$3: bytes 0-3's nibbles; input $4: the four bytes.
+_E4M3_BYTES = {
+    "lo": """and.b32 e, $4, 0x07070707;
+shl.b32 e, e, 2;
+and.b32 t, $4, 0x08080808;
+shl.b32 t, t, 4;
+or.b32 e, e, t;""",
+    "hi": """shr.b32 e, $4, 2;
+and.b32 e, e, 0x1C1C1C1C;
+and.b32 t, $4, 0x80808080;
+or.b32 e, e, t;""",
+}
+_E4M3_TO_F32 = """
+mov.b32 {h0, h1}, e;
+cvt.rn.f16x2.e4m3x2 p0, h0;
+cvt.rn.f16x2.e4m3x2 p1, h1;
+mov.b32 {q0, q1}, p0;
+mov.b32 {q2, q3}, p1;
+cvt.f32.f16 $0, q0;
+cvt.f32.f16 $1, q1;
+cvt.f32.f16 $2, q2;
+cvt.f32.f16 $3, q3;
+}"""
+
+
+def e4m3_nibbles(blocks: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """uint8 blocks -> (low nibbles, high nibbles) as float32: each fp4 value times 2^-E4M3_SHIFT, exact, through
+    fp8 e4m3 bytes and a float8 -> float32 conversion."""
+    lo = ((blocks & 7) << 2) | ((blocks & 8) << 4)
+    hi = ((blocks >> 2) & 0x1C) | (blocks & 0x80)
+    return tuple(jax.lax.bitcast_convert_type(b.astype(jnp.uint8), jnp.float8_e4m3fn).astype(jnp.float32)
+                 for b in (lo, hi))
+
+
+def e4m3_nibbles_asm(blocks: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`e4m3_nibbles` as inline PTX inside a Pallas Triton kernel (GPUs only: no CPU form). `kernel_matmul`'s loop
+    body takes 4.9 SASS instructions per nibble with it and 12 with `twice_fp4_bits` (compiled for sm_90 off the
+    GPU). One asm per output: jax's Triton lowering of the inline-asm primitive returns a single result."""
+    from jax.experimental.pallas import triton as plgpu
+
+    out = jax.ShapeDtypeStruct(blocks.shape, jnp.float32)
+    head = "{\n.reg .b32 e, t, p<2>;\n.reg .b16 h<2>, q<4>;\n"
+    return tuple(plgpu.elementwise_inline_asm(head + _E4M3_BYTES[half] + _E4M3_TO_F32, args=[blocks],
+                                              constraints="=f,=f,=f,=f,r", pack=4, result_shape_dtypes=[out])[0]
+                 for half in ("lo", "hi"))
+
+
+KERNEL_DECODES = ("bits", "e4m3", "e4m3asm")  # twice_fp4_bits, e4m3_nibbles, e4m3_nibbles_asm (GPUs only)
+# how `kernel_matmul` decodes on GPUs (interpreted elsewhere: "e4m3" instead). On an H100, one layer's mlp1 + mlp2
+# at 20b decode shapes (device time, batch 1 / 8): "bits" 73.4 / 445.5 us, "e4m3" 65.7 / 400.9, "e4m3asm" 63.5 / 381.2
+KERNEL_DECODE = "e4m3asm"
+KERNEL_LOADS = 3  # loads a `kernel_matmul` step issues before decoding (at most: the most that divide its steps)
+
+
 def kernel_plan(g: int, n: int, a: int, block_rows: int = KERNEL_ROWS, step_groups: int = KERNEL_STEP_GROUPS,
-                programs: int = KERNEL_PROGRAMS) -> tuple[int, int, int]:
-    """(block_rows, step_groups, splits) of `kernel_matmul` for G input groups, N output rows, A rows: the largest
-    powers of two at most those asked for that divide N and G, then the fewest splits of the groups dividing
-    G / step_groups that make about `programs` programs."""
+                programs: int = KERNEL_PROGRAMS, loads: int = 1) -> tuple[int, int, int, int]:
+    """(block_rows, step_groups, loads, splits) of `kernel_matmul` for G input groups, N output rows, A rows: the
+    largest powers of two at most those asked for that divide N and G, the most loads per step at most `loads`
+    dividing G / step_groups, then the fewest splits of the steps dividing them that make about `programs`
+    programs."""
     while g % step_groups:
         step_groups //= 2
-    block_rows, splits = grid_plan(g // step_groups, n, a, block_rows, programs)
-    return block_rows, step_groups, splits
+    loads = max(u for u in range(1, loads + 1) if (g // step_groups) % u == 0)
+    block_rows, splits = grid_plan(g // step_groups // loads, n, a, block_rows, programs)
+    return block_rows, step_groups, loads, splits
 
 
 def kernel_matmul(x: jax.Array, w: MXFP4, group_sizes: jax.Array, block_rows: int = KERNEL_ROWS,
                   step_groups: int = KERNEL_STEP_GROUPS, programs: int = KERNEL_PROGRAMS,
-                  warps: int = KERNEL_WARPS, interpret: bool | None = None) -> jax.Array:
+                  warps: int = KERNEL_WARPS, interpret: bool | None = None, decode: str | None = None,
+                  loads: int | None = None) -> jax.Array:
     """`gathered_matmul` as a Pallas kernel (Triton on GPUs, where it is the default; interpreted elsewhere).
 
-    Grid: row x `block_rows` output rows x a split of the input groups (`kernel_plan`). A program reads its row's
-    expert's packed bytes `step_groups` groups at a time, [block_rows, step_groups, 16] (contiguous within each
-    output row), decodes both nibbles in registers (`twice_fp4_bits`), multiplies the even and odd input columns,
-    sums each group and applies its scale; the splits' partial sums are added after. Rows past the groups (padding)
-    read nothing (`rowkernel.row_kernel`).
+    Grid: row x `block_rows` output rows x a split of the input groups (`kernel_plan`). A program's loop step
+    issues `loads` loads of its row's expert's packed bytes, `step_groups` groups each, [block_rows, step_groups, 16]
+    (contiguous within each output row), then decodes both nibbles in registers (`KERNEL_DECODE`), multiplies the
+    even and odd input columns, sums each group and applies its scale; the splits' partial sums are added after.
+    Rows past the groups (padding) read nothing (`rowkernel.row_kernel`).
     """
     e, width, n = w.shape
     a, g = x.shape[0], width // mxfp4.GROUP
-    block_rows, step_groups, splits = kernel_plan(g, n, a, block_rows, step_groups, programs)
-    per_split = g // splits
+    block_rows, step_groups, loads, splits = kernel_plan(g, n, a, block_rows, step_groups, programs,
+                                                         loads or KERNEL_LOADS)
+    per_split, per_step = g // splits, step_groups * loads
+    decode = decode or KERNEL_DECODE
+    if decode not in KERNEL_DECODES:
+        raise ValueError(f"kernel_matmul: decode must be one of {KERNEL_DECODES}, got {decode!r}")
     even, odd = (h.astype(jnp.float32).reshape(a, g, mxfp4.BYTES_PER_GROUP) for h in split_columns(x))
 
-    def step(row, expert, outs, split, i, acc, even_ref, odd_ref, blocks_ref, scales_ref):
-        groups = pl.ds(split * per_split + i * step_groups, step_groups)
-        b = blocks_ref[expert, outs, groups, :].astype(jnp.uint32)  # [rows, groups, 16]
-        sums = jnp.sum(twice_fp4_bits(b & 15) * even_ref[row, groups, :][None]
-                       + twice_fp4_bits(b >> 4) * odd_ref[row, groups, :][None], axis=2)  # [rows, groups]
-        return acc + jnp.sum(sums * _half_scale(scales_ref[expert, outs, groups]), axis=1)
+    interpreted = jax.default_backend() != "gpu" if interpret is None else interpret
+    if decode == "e4m3asm" and interpreted:
+        decode = "e4m3"  # the same values; inline PTX runs on GPUs only
+    # decoded values are these times the true fp4 values: folded into the scales
+    unit = {"bits": 1, "e4m3": 2**(E4M3_SHIFT + 1), "e4m3asm": 2**(E4M3_SHIFT + 1)}[decode]
 
-    return row_kernel(step, per_split // step_groups, group_sizes, n, block_rows, splits, warps, interpret,
-                      even, odd, w.blocks, w.scales)
+    def step(row, expert, outs, split, i, acc, even_ref, odd_ref, blocks_ref, scales_ref):
+        chunks = [pl.ds(split * per_split + i * per_step + u * step_groups, step_groups) for u in range(loads)]
+        # every load first: Triton does not pipeline loads that feed no dot, so these are what a warp has in flight
+        tiles = [(blocks_ref[expert, outs, c, :], scales_ref[expert, outs, c]) for c in chunks]  # [rows, groups, 16]
+        for c, (b, scales) in zip(chunks, tiles, strict=True):
+            if decode == "bits":
+                b = b.astype(jnp.uint32)
+                lo, hi = twice_fp4_bits(b & 15), twice_fp4_bits(b >> 4)
+            else:
+                lo, hi = (e4m3_nibbles_asm if decode == "e4m3asm" else e4m3_nibbles)(b)
+            sums = jnp.sum(lo * even_ref[row, c, :][None] + hi * odd_ref[row, c, :][None], axis=2)
+            acc = acc + sums * (_half_scale(scales) * unit)
+        return acc
+
+    return row_kernel(step, per_split // per_step, group_sizes, n, block_rows, splits, warps, interpret,
+                      even, odd, w.blocks, w.scales, lanes=step_groups)
 
 
 def looped_matmul(x: jax.Array, w: MXFP4, group_sizes: jax.Array, dtype: jnp.dtype) -> jax.Array:

@@ -30,11 +30,12 @@ def row_experts(group_sizes: jax.Array, a: int) -> tuple[jax.Array, jax.Array]:
 
 
 def row_kernel(step, steps: int, group_sizes: jax.Array, n: int, block: int, splits: int, warps: int,
-               interpret: bool | None, *operands: jax.Array) -> jax.Array:
+               interpret: bool | None, *operands: jax.Array, lanes: int | None = None) -> jax.Array:
     """[A, N] float32 from a Pallas kernel (Triton on GPUs, interpreted elsewhere) whose program (row, block of
     `block` outputs, split) runs acc = step(row, its expert, output slice, split, i, acc, *operand refs) for i < steps
     and writes acc (rows past the groups skip the loop and write 0: they read nothing); the splits' partial sums are
-    added. The rows (operands' first axis, grouped by expert, sizes [E]) come from `group_sizes`."""
+    added. With `lanes`, acc is [block, lanes], summed over the lanes once after the loop (not in every step: a
+    sum across threads). The rows (operands' first axis, grouped by expert, sizes [E]) come from `group_sizes`."""
     a = operands[0].shape[0]
     ids, valid = row_experts(group_sizes, a)
 
@@ -52,7 +53,9 @@ def row_kernel(step, steps: int, group_sizes: jax.Array, n: int, block: int, spl
 
         @pl.when(valid)
         def _():
-            out_ref[...] = jax.lax.fori_loop(0, steps, body, jnp.zeros((block,), jnp.float32))
+            acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((block,) if lanes is None else (block, lanes),
+                                                              jnp.float32))
+            out_ref[...] = acc if lanes is None else acc.sum(axis=1)
 
         @pl.when(jnp.logical_not(valid))
         def _():

@@ -15,7 +15,17 @@ from convert.reader import load_params
 from convert.synthetic import make_checkpoint
 from oss_jax import cli, data
 from oss_jax.cache import init_cache
-from oss_jax.generate import GenerationError, Sampling, decode_step, filter_logits, generate, prefill_step
+from oss_jax.generate import (
+    GenerationError,
+    Sampling,
+    _decode,
+    _prefill,
+    decode_step,
+    filter_logits,
+    generate,
+    prefill_step,
+    split_model,
+)
 from oss_jax.model import forward, model_from_params
 from oss_jax.session import Session
 from oss_jax.sharding import make_mesh, shard_model
@@ -65,6 +75,17 @@ def test_greedy_equals_hf_generate(ckpt, prompts, greedy):
 
 def test_batched_equals_one_by_one(model, prompts, greedy):
     assert greedy == [generate(model, [p], max_new_tokens=NEW, stop_tokens=())[0] for p in prompts]
+
+
+def test_steps_compile_once_for_every_split_of_a_model(model, prompts):
+    """Each generate() call splits the model anew; the steps' static argument (the graph, hashed once) is one
+    object for equal graphs, so a repeated request hits jit's cache instead of compiling again."""
+    first, second = split_model(model), split_model(model)
+    assert first.graph is second.graph and first.leaves == second.leaves
+    generate(model, [prompts[1]], max_new_tokens=2, stop_tokens=())
+    compiled = (_prefill._cache_size(), _decode._cache_size())
+    generate(model, [prompts[1]], max_new_tokens=2, stop_tokens=())
+    assert (_prefill._cache_size(), _decode._cache_size()) == compiled
 
 
 def test_chunked_prefill_equals_one_chunk(model, prompts, greedy):

@@ -94,6 +94,10 @@ def test_decode_is_exact_for_every_byte_and_scale():
         np.testing.assert_array_equal(np.asarray(got16, np.float32).reshape(len(scales), 16, 16), want[..., int(high)])
     codes = jnp.arange(16, dtype=jnp.uint32)  # the Pallas kernel's integer-op decoding: the same 16 values
     np.testing.assert_array_equal(np.asarray(packed.twice_fp4_bits(codes)), np.asarray(packed._twice_fp4(codes)))
+    every = jnp.arange(256, dtype=jnp.uint8)  # its fp8 decoding, both nibbles of every byte: the fp4 value x 2^-6
+    for nibbles, want in zip(packed.e4m3_nibbles(every), (every & 15, every >> 4), strict=True):
+        got = np.asarray(nibbles) * 2.0 ** (packed.E4M3_SHIFT + 1)
+        np.testing.assert_array_equal(got, np.asarray(packed._twice_fp4(want)))
     tiny = packed.decode_nibbles(jnp.full((1, 1, 16), 0x77, jnp.uint8), jnp.zeros((1, 1), jnp.uint8), False,
                                  jnp.float32)
     assert not np.any(np.asarray(tiny))  # scale code 0 (2^-127): subnormal, decodes to 0
@@ -121,7 +125,10 @@ def test_grouped_matmul_equals_dense(rows, experts, din, dout):
         for name, fn in (("looped", lambda x, w, s, dt=dt: packed.looped_matmul(x.astype(dt), w, s, dt)),
                          ("fixed", lambda x, w, s, dt=dt: packed.fixed_loop_matmul(x.astype(dt), w, s, dt)),
                          ("gathered", lambda x, w, s, dt=dt: packed.gathered_matmul(x.astype(dt), w, s)),
-                         ("kernel", lambda x, w, s, dt=dt: packed.kernel_matmul(x.astype(dt), w, s))):
+                         # GPUs decode with inline PTX: here its twin, "e4m3"; a group per load, up to 5 loads a step
+                         *((f"kernel-{decode}-{loads}", lambda x, w, s, dt=dt, d=decode, g=groups, k=loads:
+                            packed.kernel_matmul(x.astype(dt), w, s, decode=d, step_groups=g, loads=k))
+                           for decode, groups, loads in (("bits", 2, 1), ("e4m3", 1, 5)))):
             got = np.asarray(jax.jit(fn)(x, w, sizes))
             err = np.abs(got[: len(ids)] - exact).max()
             print(f"{dt.__name__} {name}: packed vs float64 {err:.2e}, dense vs float64 {ref_err:.2e}, packed vs "
@@ -148,13 +155,14 @@ def test_fixed_loop_matmul_runs_the_most_tiles_a_routing_can_make():
     assert err <= 1e-6 * np.abs(exact).max()
 
 
-@pytest.mark.parametrize("kernel", ["packed", "dense"])
+@pytest.mark.parametrize("kernel", [*(f"packed-{d}" for d in packed.KERNEL_DECODES), "dense"])
 def test_kernels_lower_to_triton_modules_that_verify(kernel):
-    """GPUs' Pallas kernels (`packed.kernel_matmul`, `rowkernel.dense_kernel`) lowered for CUDA (Triton, not
-    interpreted) at decode shapes with padding rows and an unused expert: every Triton module passes MLIR's verifier,
-    as XLA:GPU requires when it compiles them. A trip count that was data once lowered to an scf.for whose bounds
-    differ in type, which only a GPU run had shown."""
-    e, d, n = 4, 128, 256
+    """GPUs' Pallas kernels (`packed.kernel_matmul` with each decoding, the inline PTX of "e4m3asm" included;
+    `rowkernel.dense_kernel`) lowered for CUDA (Triton, not interpreted) at decode shapes with padding rows and an
+    unused expert: every Triton module passes MLIR's verifier, as XLA:GPU requires when it compiles them. A trip
+    count that was data once lowered to an scf.for whose bounds differ in type, which only a GPU run had shown.
+    (The PTX text itself is assembled on the GPU only: ptxas is not here.)"""
+    e, d, n = 4, 96, 256  # 3 groups: one load per step whatever KERNEL_LOADS asks
     x, sizes = jnp.ones((8, d), jnp.bfloat16), jnp.array([2, 3, 0, 1], jnp.int32)
     if kernel == "dense":
         count = triton_modules_verified(functools.partial(rowkernel.dense_kernel, interpret=False), x,
@@ -162,7 +170,9 @@ def test_kernels_lower_to_triton_modules_that_verify(kernel):
     else:
         w = packed.MXFP4(jnp.zeros((e, n, d // mxfp4.GROUP, 16), jnp.uint8),
                          jnp.full((e, n, d // mxfp4.GROUP), 127, jnp.uint8))
-        count = triton_modules_verified(functools.partial(packed.kernel_matmul, interpret=False), x, w, sizes)
+        decode = kernel.removeprefix("packed-")
+        count = triton_modules_verified(functools.partial(packed.kernel_matmul, interpret=False, decode=decode),
+                                        x, w, sizes)
     print(f"{kernel}: {count} Triton module(s) verified")
     assert count == 1
 
