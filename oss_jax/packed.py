@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from oss_jax import mxfp4, tiles
 from oss_jax.params import path_name
-from oss_jax.rowkernel import grid_plan, row_experts, row_kernel
+from oss_jax.rowkernel import grid_plan, interpreted, row_experts, row_kernel
 from oss_jax.sharding import RULES, partition_spec
 
 GROUPS = "mlp_groups"  # the F/32 group axis of packed mlp2: split over `tensor` only where the groups divide
@@ -258,7 +258,16 @@ def e4m3_nibbles_asm(blocks: jax.Array) -> tuple[jax.Array, jax.Array]:
                  for half in ("lo", "hi"))
 
 
-KERNEL_DECODES = ("bits", "e4m3", "e4m3asm")  # twice_fp4_bits, e4m3_nibbles, e4m3_nibbles_asm (GPUs only)
+def bits_nibbles(blocks: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """uint8 blocks -> (low nibbles, high nibbles) as float32, twice each fp4 value (`twice_fp4_bits`)."""
+    b = blocks.astype(jnp.uint32)
+    return twice_fp4_bits(b & 15), twice_fp4_bits(b >> 4)
+
+
+# `kernel_matmul`'s decodings: (low nibbles, high nibbles) of uint8 blocks, and the values' factor over fp4's
+NIBBLES = {"bits": (bits_nibbles, 2), "e4m3": (e4m3_nibbles, 2.0**-E4M3_SHIFT),
+           "e4m3asm": (e4m3_nibbles_asm, 2.0**-E4M3_SHIFT)}  # the last: GPUs only
+KERNEL_DECODES = tuple(NIBBLES)
 # how `kernel_matmul` decodes on GPUs (interpreted elsewhere: "e4m3" instead). On an H100, one layer's mlp1 + mlp2
 # at 20b decode shapes (device time, batch 1 / 8): "bits" 73.4 / 445.5 us, "e4m3" 65.7 / 400.9, "e4m3asm" 63.5 / 381.2
 KERNEL_DECODE = "e4m3asm"
@@ -300,22 +309,17 @@ def kernel_matmul(x: jax.Array, w: MXFP4, group_sizes: jax.Array, block_rows: in
         raise ValueError(f"kernel_matmul: decode must be one of {KERNEL_DECODES}, got {decode!r}")
     even, odd = (h.astype(jnp.float32).reshape(a, g, mxfp4.BYTES_PER_GROUP) for h in split_columns(x))
 
-    interpreted = jax.default_backend() != "gpu" if interpret is None else interpret
-    if decode == "e4m3asm" and interpreted:
+    if decode == "e4m3asm" and interpreted(interpret):
         decode = "e4m3"  # the same values; inline PTX runs on GPUs only
-    # decoded values are these times the true fp4 values: folded into the scales
-    unit = {"bits": 1, "e4m3": 2**(E4M3_SHIFT + 1), "e4m3asm": 2**(E4M3_SHIFT + 1)}[decode]
+    nibbles, factor = NIBBLES[decode]
+    unit = 2 / factor  # folded into the scales: `_half_scale` halves them for twice the fp4 values
 
     def step(row, expert, outs, split, i, acc, even_ref, odd_ref, blocks_ref, scales_ref):
         chunks = [pl.ds(split * per_split + i * per_step + u * step_groups, step_groups) for u in range(loads)]
         # every load first: Triton does not pipeline loads that feed no dot, so these are what a warp has in flight
         tiles = [(blocks_ref[expert, outs, c, :], scales_ref[expert, outs, c]) for c in chunks]  # [rows, groups, 16]
         for c, (b, scales) in zip(chunks, tiles, strict=True):
-            if decode == "bits":
-                b = b.astype(jnp.uint32)
-                lo, hi = twice_fp4_bits(b & 15), twice_fp4_bits(b >> 4)
-            else:
-                lo, hi = (e4m3_nibbles_asm if decode == "e4m3asm" else e4m3_nibbles)(b)
+            lo, hi = nibbles(b)
             sums = jnp.sum(lo * even_ref[row, c, :][None] + hi * odd_ref[row, c, :][None], axis=2)
             acc = acc + sums * (_half_scale(scales) * unit)
         return acc

@@ -29,6 +29,11 @@ def row_experts(group_sizes: jax.Array, a: int) -> tuple[jax.Array, jax.Array]:
     return jnp.minimum(ids, group_sizes.shape[0] - 1), rows < ends[-1]
 
 
+def interpreted(interpret: bool | None) -> bool:
+    """Whether a kernel runs interpreted: as asked, or by default everywhere but on GPUs."""
+    return jax.default_backend() != "gpu" if interpret is None else interpret
+
+
 def row_kernel(step, steps: int, group_sizes: jax.Array, n: int, block: int, splits: int, warps: int,
                interpret: bool | None, *operands: jax.Array, lanes: int | None = None) -> jax.Array:
     """[A, N] float32 from a Pallas kernel (Triton on GPUs, interpreted elsewhere) whose program (row, block of
@@ -65,7 +70,7 @@ def row_kernel(step, steps: int, group_sizes: jax.Array, n: int, block: int, spl
         kernel, out_shape=jax.ShapeDtypeStruct((splits, a, n), jnp.float32), grid=(a, n // block, splits),
         out_specs=pl.BlockSpec((pl.squeezed, pl.squeezed, block), lambda i, j, k: (k, i, j)),
         compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=3),  # Triton, not Mosaic GPU
-        interpret=jax.default_backend() != "gpu" if interpret is None else interpret,
+        interpret=interpreted(interpret),
     )(ids, valid.astype(jnp.int32), *operands)
     return partial.sum(axis=0)
 
