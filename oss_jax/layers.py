@@ -163,8 +163,10 @@ def attend_in_blocks(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array,
 
 # Rows (B x T) up to which `project` takes the row kernel on one GPU; 0 (the default): never. On an H100 (jax 0.11.2,
 # 20b, packed experts) it cut batch-1 decode's device time from 4.54 to 3.99 ms/step, but the steps' wall time did
-# not follow (a Pallas call is one more launch outside XLA's command buffers; in one process, interleaved: batch 1
-# 102-192 vs 143-213 tok/s without it, batch 8 541-545 vs 601-602), so it is opt-in, for benchmarks and tuning
+# not follow (in one process, interleaved: batch 1 102-192 vs 143-213 tok/s without it, batch 8 541-545 vs 601-602);
+# with the host no longer passing the model slowly, at one row: 3.71 vs 4.26 ms of kernels but 144.9 vs 226.1 tok/s,
+# the host taking 6.81 ms to issue the step's 1,001 launches (a Pallas call costs the host more than an XLA fusion).
+# So it is opt-in, for benchmarks and tuning
 ROW_KERNEL_ROWS = 0
 
 

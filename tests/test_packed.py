@@ -162,7 +162,7 @@ def test_kernels_lower_to_triton_modules_that_verify(kernel):
     unused expert: every Triton module passes MLIR's verifier, as XLA:GPU requires when it compiles them. A trip
     count that was data once lowered to an scf.for whose bounds differ in type, which only a GPU run had shown.
     (The PTX text itself is assembled on the GPU only: ptxas is not here.)"""
-    e, d, n = 4, 96, 256  # 3 groups: one load per step whatever KERNEL_LOADS asks
+    e, d, n = 4, 96, 256  # 3 groups: with KERNEL_LOADS = 3, one step of three loads
     x, sizes = jnp.ones((8, d), jnp.bfloat16), jnp.array([2, 3, 0, 1], jnp.int32)
     if kernel == "dense":
         count = triton_modules_verified(functools.partial(rowkernel.dense_kernel, interpret=False), x,
