@@ -31,7 +31,6 @@ import argparse
 import functools
 import gc
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -46,6 +45,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from benchmarks.bounds import min_bytes, sizes  # noqa: E402
+from benchmarks.gpu_launches import launch_counts  # noqa: E402
 from configs import preset_path  # noqa: E402
 from oss_jax import layers, moe, mxfp4, packed, rowkernel  # noqa: E402
 from oss_jax.cache import cache_bytes, init_cache  # noqa: E402
@@ -159,15 +159,7 @@ def _compiled_ops(fn, *args) -> str:
 
 
 def _ops_of(text: str) -> str:
-    entry = text[text.find("ENTRY"):]
-    entry = entry[: entry.find("\n}")]
-    counts: dict[str, int] = {}
-    for line in entry.splitlines()[1:]:
-        m = re.search(r" = (?:\([^()]*\)|\S+) ([a-z][\w.-]*)\(", line)  # NAME = SHAPE OP(...)
-        if m:
-            counts[m.group(1)] = counts.get(m.group(1), 0) + 1
-    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if k not in ("parameter", "constant", "tuple",
-                                                                               "get-tuple-element", "bitcast"))
+    return ", ".join(f"{k} {v}" for k, v in sorted(launch_counts(text).items()))
 
 
 def _gathered_bytes(x, w, group_sizes):

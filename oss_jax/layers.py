@@ -94,7 +94,7 @@ def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None, segme
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
-    """q [B,T,K,G,H], k/v [B,S,K,H], sinks [K,G], mask [B,T,S] -> [B,T,K,G,H] float32.
+    """q [B,T,K,G,H], k/v [B,K,S,H], sinks [K,G], mask [B,T,S] -> [B,T,K,G,H] float32.
 
     The sink logit joins the softmax's denominator only (one more column whose output is dropped).
     """
@@ -111,14 +111,13 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array, mask: jax
 # The two products take operands transposed to [B, K, ...] by hand: XLA:CPU's own layout for these batched dots ran
 # 2.4-3.5x slower (prefill, 512 queries x 640 keys: scores 185 -> 53 ms, probs x values 84 -> 35 ms).
 def _scores(q_t: jax.Array, k: jax.Array, scale: float) -> jax.Array:
-    """q_t [B,K,G,T,H], k [B,S,K,H] -> scaled scores [B,K,G,T,S] float32."""
-    return jnp.einsum("BKGTH,BKHS->BKGTS", q_t, k.transpose(0, 2, 3, 1), preferred_element_type=jnp.float32) * scale
+    """q_t [B,K,G,T,H], k [B,K,S,H] -> scaled scores [B,K,G,T,S] float32."""
+    return jnp.einsum("BKGTH,BKHS->BKGTS", q_t, k.transpose(0, 1, 3, 2), preferred_element_type=jnp.float32) * scale
 
 
 def _mix(weights: jax.Array, v: jax.Array) -> jax.Array:
-    """weights [B,K,G,T,S], v [B,S,K,H] -> [B,K,G,T,H] float32."""
-    return jnp.einsum("BKGTS,BKSH->BKGTH", weights.astype(v.dtype), v.transpose(0, 2, 1, 3),
-                      preferred_element_type=jnp.float32)
+    """weights [B,K,G,T,S], v [B,K,S,H] -> [B,K,G,T,H] float32."""
+    return jnp.einsum("BKGTS,BKSH->BKGTH", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
 
 
 KEY_BLOCK = 1024  # keys per step of `attend_in_blocks`: a prompt chunk's scores stay this wide at any context
@@ -130,7 +129,7 @@ def attend_in_blocks(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array,
     """`attend` over S keys taken `block` at a time (S a multiple of it) with a running softmax: the same result,
     with [.., T, block] scores in memory instead of [.., T, S] (a 512-token chunk against a 128k-slot cache: 17 GB).
 
-    q [B,T,K,G,H], k/v [B,S,K,H], sinks [K,G], q_pos [B,T], k_pos [B,S] (the mask comes from positions) ->
+    q [B,T,K,G,H], k/v [B,K,S,H], sinks [K,G], q_pos [B,T], k_pos [B,S] (the mask comes from positions) ->
     [B,T,K,G,H] float32. `cached`: k/v are a full layer's cache (slot = position mod S), so a block that starts
     past the last query position holds only later or empty positions and is skipped (a loop of traced length,
     not reverse-differentiable); otherwise every block is scored (a scan).
@@ -144,7 +143,8 @@ def attend_in_blocks(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array,
 
     def step(i, carry):
         top, denominator, out = carry
-        k_blk, v_blk, pos_blk = (jax.lax.dynamic_slice_in_dim(a, i * block, block, 1) for a in (k, v, k_pos))
+        k_blk, v_blk = (jax.lax.dynamic_slice_in_dim(a, i * block, block, 2) for a in (k, v))
+        pos_blk = jax.lax.dynamic_slice_in_dim(k_pos, i * block, block, 1)
         scores = jnp.where(attention_mask(q_pos, pos_blk, window)[:, None, None], _scores(q_t, k_blk, scale), -jnp.inf)
         new_top = jax.lax.stop_gradient(jnp.maximum(top, jnp.max(scores, axis=-1, keepdims=True)))
         rescale = jnp.exp(top - new_top)
@@ -217,21 +217,23 @@ class Attention(nnx.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         b, t = q.shape[:2]
         q = q.reshape(b, t, cfg.num_key_value_heads, cfg.q_per_kv, cfg.head_dim)
-        keys, values, k_pos = k, v, positions
+        keys, values, k_pos = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions  # [B, K, T, H]
         full_cache = cache is not None and self.window is None
-        if full_cache:
-            # a full layer's cache has a slot for every position: write first, then attend to the cache alone
+        if full_cache or (cache is not None and t == 1):
+            # a full layer's cache has a slot for every position, and a ring written one new position holds the
+            # window that ends there: write first, then attend to the cache alone (a ring joined to the new keys
+            # instead: 2 more XLA:GPU launches per sliding layer at decode)
             cache = cache.write(k, v, positions)
             keys, values, k_pos = cache.k.astype(k.dtype), cache.v.astype(v.dtype), cache.pos
         elif cache is not None:
             # a ring may be shorter than the chunk: the chunk's keys join what it held before this write
-            keys = jnp.concatenate([cache.k.astype(k.dtype), k], axis=1)
-            values = jnp.concatenate([cache.v.astype(v.dtype), v], axis=1)
+            keys = jnp.concatenate([cache.k.astype(k.dtype), keys], axis=2)
+            values = jnp.concatenate([cache.v.astype(v.dtype), values], axis=2)
             k_pos = jnp.concatenate([cache.pos, positions], axis=1)
             cache = cache.write(k, v, positions)
         sinks = self.sinks[...].reshape(cfg.num_key_value_heads, cfg.q_per_kv)
         scale = 1.0 / math.sqrt(cfg.head_dim)
-        s = keys.shape[1]
+        s = keys.shape[2]
         if t > 1 and s > KEY_BLOCK and s % KEY_BLOCK == 0 and segments is None:
             # a prompt chunk against a long cache: scores a block of keys at a time
             out = attend_in_blocks(q.astype(dt), keys.astype(dt), values.astype(dt), sinks, positions, k_pos,

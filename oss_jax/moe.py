@@ -1,4 +1,7 @@
-"""Mixture of experts: route (top-k, then softmax) -> permute -> expert MLP (grouped matmul) -> unpermute."""
+"""Mixture of experts: route (top-k, then softmax) -> permute -> expert MLP (grouped matmul) -> unpermute.
+
+Decode on accelerators skips the permutation (`unsorted`): each row names its expert (`rowkernel.RowExperts`).
+"""
 
 from __future__ import annotations
 
@@ -32,9 +35,13 @@ def permute(x: jax.Array, ids: jax.Array, num_experts: int) -> tuple[jax.Array, 
 
 def unpermute(y: jax.Array, order: jax.Array, weights: jax.Array) -> jax.Array:
     """y [A, D] in expert order, weights [X, k] -> [X, D]: each token's k outputs, weighted and summed."""
+    return combine(jnp.zeros_like(y).at[order].set(y), weights)
+
+
+def combine(y: jax.Array, weights: jax.Array) -> jax.Array:
+    """y [X*k, D] in token order (token x's k outputs at rows x*k ...), weights [X, k] -> [X, D], weighted sums."""
     x, k = weights.shape
-    back = jnp.zeros_like(y).at[order].set(y).reshape(x, k, y.shape[-1])
-    return jnp.einsum("XkD,Xk->XD", back, weights.astype(back.dtype))
+    return jnp.einsum("XkD,Xk->XD", y.reshape(x, k, y.shape[-1]), weights.astype(y.dtype))
 
 
 def swiglu(h: jax.Array, limit: float, alpha: float) -> jax.Array:
@@ -45,8 +52,9 @@ def swiglu(h: jax.Array, limit: float, alpha: float) -> jax.Array:
     return gate * jax.nn.sigmoid(alpha * gate) * (linear + 1.0)
 
 
-def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    """lhs [A, D] (rows grouped by expert, sizes [E]) x rhs [E, D, N] -> [A, N] float32; rows past the groups -> 0.
+def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array | rowkernel.RowExperts) -> jax.Array:
+    """lhs [A, D] (rows grouped by expert, sizes [E], or in any order with `RowExperts` where `packed.row_form`) x
+    rhs [E, D, N] -> [A, N] float32; rows past the groups -> 0.
 
     On CPU and GPUs, `tiled_grouped_matmul`, with a tiled VJP (gradients of lhs and rhs): XLA expands
     `jax.lax.ragged_dot` there into a dense product against every expert, E times the work and an [E, A, D] buffer
@@ -54,18 +62,19 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> ja
     `jax.lax.ragged_dot`. Up to E rows (decode): on GPUs the Pallas kernel `rowkernel.dense_matmul`, on other
     accelerators `gathered_matmul`; each row reads only its own expert's weight.
     """
+    if packed.row_form(lhs.shape[0], rhs.shape[0], False):
+        return (rowkernel.dense_matmul if packed.backend() == "gpu" else gathered_matmul)(lhs, rhs, group_sizes)
+    if isinstance(group_sizes, rowkernel.RowExperts):
+        raise ValueError(f"moe.grouped_matmul: {lhs.shape[0]} rows over {rhs.shape[0]} experts must come grouped by "
+                         "expert (group sizes), not as RowExperts: see packed.row_form")
     if packed.on_cpu():
         return _tiled_grouped_matmul(lhs, rhs, group_sizes)
-    if lhs.shape[0] <= rhs.shape[0]:
-        if packed.backend() == "gpu":
-            return rowkernel.dense_matmul(lhs, rhs, group_sizes)
-        return gathered_matmul(lhs, rhs, group_sizes)
     if packed.backend() == "gpu":
         return _tiled_grouped_matmul(lhs, rhs, group_sizes)
     return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=jnp.float32)
 
 
-def gathered_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
+def gathered_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array | rowkernel.RowExperts) -> jax.Array:
     """`grouped_matmul` as one reduction in which each row reads only its own expert's weight: for few rows, where a
     dense lowering of ragged_dot reads every expert's weights. The gathered weights are upcast to float32 as an
     [A, D, N] product (on an H100, 20b bf16 experts: 0.9 ms for one layer's two matmuls at 4 rows, 6.5 ms at 32)."""
@@ -221,14 +230,16 @@ def _tiled_bwd(res, g):
 _tiled_grouped_matmul.defvjp(_tiled_fwd, _tiled_bwd)
 
 
-def expert_mlp(rows: jax.Array, expert_ids: jax.Array, group_sizes: jax.Array, w1: jax.Array, b1: jax.Array,
-               w2: jax.Array, b2: jax.Array, cfg: ModelConfig, dtype: jnp.dtype, tensor_axis: str | None = None
-               ) -> jax.Array:
-    """rows [A, D] grouped by expert (sizes [E]); w1 [E, D, 2F], b1 [E, 2F], w2 [E, F, D], b2 [E, D] -> [A, D].
+def expert_mlp(rows: jax.Array, expert_ids: jax.Array, group_sizes: jax.Array | rowkernel.RowExperts, w1: jax.Array,
+               b1: jax.Array, w2: jax.Array, b2: jax.Array, cfg: ModelConfig, dtype: jnp.dtype,
+               tensor_axis: str | None = None) -> jax.Array:
+    """rows [A, D] grouped by expert (sizes [E]; or in any order, `RowExperts`, where `packed.row_form`) with their
+    ids [A]; w1 [E, D, 2F], b1 [E, 2F], w2 [E, F, D], b2 [E, D] -> [A, D].
 
     The one place expert weights are multiplied (dense, or packed MXFP4 decoded on the fly): biases are per expert
-    and added before routing weights. Rows past sum(group_sizes) are padding and come out as b2 of their (clamped)
-    id. With `tensor_axis`, F is split over that mesh axis and the partial mlp2 products are summed across it.
+    and added before routing weights. Padding rows (past sum(group_sizes), or not valid) come out as b2 of their
+    (clamped) id. With `tensor_axis`, F is split over that mesh axis and the partial mlp2 products are summed across
+    it.
     """
     h = _expert_matmul(rows, w1, group_sizes, dtype, tensor_axis)
     h = swiglu(h + b1[expert_ids], cfg.swiglu_limit, cfg.swiglu_alpha)
@@ -238,9 +249,9 @@ def expert_mlp(rows: jax.Array, expert_ids: jax.Array, group_sizes: jax.Array, w
     return y + b2[expert_ids]
 
 
-def _expert_matmul(x: jax.Array, w: jax.Array | packed.MXFP4, group_sizes: jax.Array, dtype: jnp.dtype,
-                   tensor_axis: str | None) -> jax.Array:
-    """x [A, in] (grouped by expert) x w [E, in, out], dense or packed MXFP4 -> [A, out] float32."""
+def _expert_matmul(x: jax.Array, w: jax.Array | packed.MXFP4, group_sizes: jax.Array | rowkernel.RowExperts,
+                   dtype: jnp.dtype, tensor_axis: str | None) -> jax.Array:
+    """x [A, in] (grouped by expert, or `RowExperts`) x w [E, in, out], dense or packed MXFP4 -> [A, out] float32."""
     if isinstance(w, packed.MXFP4):
         return packed.grouped_matmul(x, w, group_sizes, dtype, tensor_axis)
     return grouped_matmul(x.astype(dtype), w.astype(dtype), group_sizes)
@@ -288,12 +299,28 @@ class MoE(nnx.Module):
         return out.reshape(b, t, d)
 
 
+def unsorted(a: int, e: int) -> bool:
+    """Whether A expert rows over E experts skip the sort by expert (and the scatter back), each row naming its
+    expert (`rowkernel.RowExperts`): decode on accelerators, at most E rows, where every form reads each row's own
+    expert's weight (`packed.row_form`). XLA:GPU's launches per decode step for an H100 (benchmarks/gpu_launches.py,
+    jax 0.10.2): 20b 853 -> 803 at batch 1, 882 -> 762 at batch 8; 120b 1,309 -> 1,199 at batch 1. More rows
+    (prefill chunks) stay grouped, an expert's rows adjacent."""
+    return a <= e and not packed.on_cpu()
+
+
 def moe_local(x: jax.Array, router_w: jax.Array, router_b: jax.Array, w1: jax.Array, b1: jax.Array, w2: jax.Array,
               b2: jax.Array, *, cfg: ModelConfig, dtype: jnp.dtype, tensor_axis: str | None = None) -> jax.Array:
     """x [X, D] -> [X, D] with every expert in reach (one device, or one expert-parallel shard's own experts)."""
+    k = cfg.experts_per_token
     with jax.named_scope("route"):
         logits = jnp.einsum("XD,DE->XE", x, router_w.astype(dtype), preferred_element_type=jnp.float32) + router_b
-        ids, weights = route(logits, cfg.experts_per_token)
+        ids, weights = route(logits, k)
+    if unsorted(x.shape[0] * k, w1.shape[0]):
+        with jax.named_scope("experts"):
+            flat = ids.reshape(-1)
+            rows = rowkernel.RowExperts(flat, jnp.ones(flat.shape, bool))
+            y = expert_mlp(jnp.repeat(x, k, axis=0), flat, rows, w1, b1, w2, b2, cfg, dtype, tensor_axis)
+        return combine(y, weights)
     with jax.named_scope("permute"):
         rows, expert_ids, group_sizes, order = permute(x, ids, w1.shape[0])
     with jax.named_scope("experts"):
@@ -340,11 +367,17 @@ def _ep_shard(x_, router_w, router_b, w1_, b1_, w2_, b2_, *, cfg, dtype, tensor_
         recv = jax.lax.all_to_all(send, "expert", 0, 0).reshape(p * capacity, -1)
         recv_ids = jax.lax.all_to_all(send_ids, "expert", 0, 0).reshape(-1)
     with jax.named_scope("experts"):
-        local_order = jnp.argsort(recv_ids, stable=True)  # padding (id e_local) sorts last, outside every group
-        sizes = jnp.bincount(recv_ids, length=e_local).astype(jnp.int32)
-        y = expert_mlp(recv[local_order], jnp.minimum(recv_ids[local_order], e_local - 1), sizes, w1_, b1_, w2_,
-                       b2_, cfg, dtype, tensor_axis)
-        y = jnp.zeros_like(y).at[local_order].set(y).reshape(p, capacity, -1)
+        if unsorted(recv.shape[0], e_local):
+            ids_ = jnp.minimum(recv_ids, e_local - 1)
+            rows = rowkernel.RowExperts(ids_, recv_ids < e_local)  # padding (id e_local) reads nothing
+            y = expert_mlp(recv, ids_, rows, w1_, b1_, w2_, b2_, cfg, dtype, tensor_axis)
+        else:
+            local_order = jnp.argsort(recv_ids, stable=True)  # padding (id e_local) sorts last, outside every group
+            sizes = jnp.bincount(recv_ids, length=e_local).astype(jnp.int32)
+            y = expert_mlp(recv[local_order], jnp.minimum(recv_ids[local_order], e_local - 1), sizes, w1_, b1_, w2_,
+                           b2_, cfg, dtype, tensor_axis)
+            y = jnp.zeros_like(y).at[local_order].set(y)
+        y = y.reshape(p, capacity, -1)
     with jax.named_scope("combine"):
         back = jax.lax.all_to_all(y, "expert", 0, 0)
         return unpermute(back[dest, slot], order, weights)

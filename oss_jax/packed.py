@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from oss_jax import mxfp4, tiles
 from oss_jax.params import path_name
-from oss_jax.rowkernel import grid_plan, interpreted, row_experts, row_kernel
+from oss_jax.rowkernel import RowExperts, grid_plan, interpreted, row_experts, row_kernel
 from oss_jax.sharding import RULES, partition_spec
 
 GROUPS = "mlp_groups"  # the F/32 group axis of packed mlp2: split over `tensor` only where the groups divide
@@ -135,10 +135,20 @@ def on_cpu() -> bool:
     return backend() == "cpu"
 
 
-def grouped_matmul(lhs: jax.Array, w: MXFP4, group_sizes: jax.Array, dtype: jnp.dtype,
+def row_form(a: int, e: int, packed_weights: bool) -> bool:
+    """Whether the expert matmuls of A rows over E experts take a row form, in which each row reads its own expert's
+    weight and may come in any order (`RowExperts`): on accelerators, up to E rows (`gathered_matmul`,
+    `rowkernel.dense_matmul`), and on GPUs up to KERNEL_ROWS_PER_EXPERT x E rows of packed weights
+    (`kernel_matmul`). Never on CPU (loops over the experts, for which rows are grouped)."""
+    if on_cpu():
+        return False
+    return a <= (KERNEL_ROWS_PER_EXPERT * e if packed_weights and backend() == "gpu" else e)
+
+
+def grouped_matmul(lhs: jax.Array, w: MXFP4, group_sizes: jax.Array | RowExperts, dtype: jnp.dtype,
                    tensor_axis: str | None = None) -> jax.Array:
-    """lhs [A, in] (rows grouped by expert, sizes [E]) x packed w [E, in, out] -> [A, out] float32; rows past the
-    groups -> 0. Inference only (no gradient).
+    """lhs [A, in] (rows grouped by expert, sizes [E], or in any order with `RowExperts` where `row_form`) x packed
+    w [E, in, out] -> [A, out] float32; rows past the groups -> 0. Inference only (no gradient).
 
     On CPU `looped_matmul`. On GPUs, up to KERNEL_ROWS_PER_EXPERT x E rows (decode, and an expert-parallel shard's
     dispatch buffer, mostly padding rows, when decoding) `kernel_matmul`; on other accelerators, up to E rows
@@ -152,17 +162,19 @@ def grouped_matmul(lhs: jax.Array, w: MXFP4, group_sizes: jax.Array, dtype: jnp.
     if x.shape[1] != width:
         offset = jax.lax.axis_index(tensor_axis) * x.shape[1]
         x = jax.lax.dynamic_update_slice_in_dim(jnp.zeros((x.shape[0], width), dtype), x, offset, 1)
+    if row_form(x.shape[0], e, True):
+        return (kernel_matmul if backend() == "gpu" else gathered_matmul)(x, w, group_sizes)
+    if isinstance(group_sizes, RowExperts):
+        raise ValueError(f"packed.grouped_matmul: {x.shape[0]} rows over {e} experts must come grouped by expert "
+                         "(group sizes), not as RowExperts: see row_form")
     if on_cpu():
         return looped_matmul(x, w, group_sizes, dtype)
-    if backend() == "gpu" and x.shape[0] <= KERNEL_ROWS_PER_EXPERT * e:
-        return kernel_matmul(x, w, group_sizes)
-    if x.shape[0] <= e:
-        return gathered_matmul(x, w, group_sizes)
     return fixed_loop_matmul(x, w, group_sizes, dtype)
 
 
-def gathered_matmul(x: jax.Array, w: MXFP4, group_sizes: jax.Array) -> jax.Array:
-    """x [A, in] (rows grouped by expert, sizes [E]) x packed w [E, in, out] -> [A, out] float32, one reduction.
+def gathered_matmul(x: jax.Array, w: MXFP4, group_sizes: jax.Array | RowExperts) -> jax.Array:
+    """x [A, in] (rows grouped by expert, sizes [E], or `RowExperts`) x packed w [E, in, out] -> [A, out] float32,
+    one reduction.
 
     Each row reads its own expert's packed bytes as 32-bit words (nibble j of little-endian word i of a group is
     element 8i + j) and nothing decoded is written; XLA:GPU copies the gathered words once (jax 0.11.2, H100), then
@@ -287,7 +299,7 @@ def kernel_plan(g: int, n: int, a: int, block_rows: int = KERNEL_ROWS, step_grou
     return block_rows, step_groups, loads, splits
 
 
-def kernel_matmul(x: jax.Array, w: MXFP4, group_sizes: jax.Array, block_rows: int = KERNEL_ROWS,
+def kernel_matmul(x: jax.Array, w: MXFP4, group_sizes: jax.Array | RowExperts, block_rows: int = KERNEL_ROWS,
                   step_groups: int = KERNEL_STEP_GROUPS, programs: int = KERNEL_PROGRAMS,
                   warps: int = KERNEL_WARPS, interpret: bool | None = None, decode: str | None = None,
                   loads: int | None = None) -> jax.Array:

@@ -1,13 +1,16 @@
 """Skinny matmuls on GPUs (decode's few rows) as Pallas kernels in which each row reads only its own weight.
 
 `row_kernel` is the plumbing: a program per (row, block of outputs, split of the input), the row's expert id from
-the group sizes, padding rows skipped, the splits' partial sums added. `dense_matmul` runs it on dense weights
-[E, D, N]: a row's expert's [D, N] read once, contiguous along N, summed in float32 (on an H100,
-20b bf16 experts at decode shapes: 84 us device time for one layer's two matmuls at 4 rows, the memory bound,
-where the gathered XLA reduction took 788 us). With E = 1 it is a plain [A, D] x [D, N] product.
+the group sizes (or given per row, rows in any order: `RowExperts`), padding rows skipped, the splits' partial sums
+added. `dense_matmul` runs it on dense weights [E, D, N]: a row's expert's [D, N] read once, contiguous along N,
+summed in float32 (on an H100, 20b bf16 experts at decode shapes: 84 us device time for one layer's two matmuls
+at 4 rows, the memory bound, where the gathered XLA reduction took 788 us). With E = 1 it is a plain [A, D] x [D, N]
+product.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,13 +23,25 @@ DENSE_PROGRAMS = 2048  # split D over programs until about this many run
 DENSE_WARPS = 4
 
 
-def row_experts(group_sizes: jax.Array, a: int) -> tuple[jax.Array, jax.Array]:
+class RowExperts(NamedTuple):
+    """Rows in any order, each with its expert: ids [A] int32 and whether the row is real (valid [A] bool; others
+    read nothing and come out 0). Where the row forms take this instead of group sizes, decode needs no sort by
+    expert and no scatter back (`moe.moe_local`)."""
+
+    ids: jax.Array
+    valid: jax.Array
+
+
+def row_experts(group_sizes: jax.Array | RowExperts, a: int) -> RowExperts:
     """Expert id of each of A rows grouped by expert (sizes [E]; rows past the groups: the last expert) and whether
-    the row is in a group. Compares against every group end: no loop (a while loop syncs with the host on GPUs)."""
+    the row is in a group; `RowExperts` as given. Compares against every group end: no loop (a while loop syncs with
+    the host on GPUs)."""
+    if isinstance(group_sizes, RowExperts):
+        return group_sizes
     ends = jnp.cumsum(group_sizes)
     rows = jnp.arange(a)
     ids = jnp.sum(rows[:, None] >= ends[None, :], axis=1, dtype=jnp.int32)
-    return jnp.minimum(ids, group_sizes.shape[0] - 1), rows < ends[-1]
+    return RowExperts(jnp.minimum(ids, group_sizes.shape[0] - 1), rows < ends[-1])
 
 
 def interpreted(interpret: bool | None) -> bool:
@@ -34,13 +49,13 @@ def interpreted(interpret: bool | None) -> bool:
     return jax.default_backend() != "gpu" if interpret is None else interpret
 
 
-def row_kernel(step, steps: int, group_sizes: jax.Array, n: int, block: int, splits: int, warps: int,
+def row_kernel(step, steps: int, group_sizes: jax.Array | RowExperts, n: int, block: int, splits: int, warps: int,
                interpret: bool | None, *operands: jax.Array, lanes: int | None = None) -> jax.Array:
     """[A, N] float32 from a Pallas kernel (Triton on GPUs, interpreted elsewhere) whose program (row, block of
     `block` outputs, split) runs acc = step(row, its expert, output slice, split, i, acc, *operand refs) for i < steps
     and writes acc (rows past the groups skip the loop and write 0: they read nothing); the splits' partial sums are
     added. With `lanes`, acc is [block, lanes], summed over the lanes once after the loop (not in every step: a
-    sum across threads). The rows (operands' first axis, grouped by expert, sizes [E]) come from `group_sizes`."""
+    sum across threads). The rows' experts (operands' first axis) come from `group_sizes` (`row_experts`)."""
     a = operands[0].shape[0]
     ids, valid = row_experts(group_sizes, a)
 
@@ -85,10 +100,11 @@ def grid_plan(steps: int, n: int, a: int, block: int, programs: int) -> tuple[in
     return block, splits
 
 
-def dense_kernel(x: jax.Array, w: jax.Array, group_sizes: jax.Array, interpret: bool | None = None) -> jax.Array:
-    """x [A, D] (rows grouped by expert, sizes [E]) x w [E, D, N] -> [A, N] float32 (rows past the groups -> 0), each
-    row reading its expert's [D, N] once, `DENSE_STEP` input rows at a time; operands in w's dtype, products and
-    sums in float32. No VJP: `dense_matmul` is this with one."""
+def dense_kernel(x: jax.Array, w: jax.Array, group_sizes: jax.Array | RowExperts, interpret: bool | None = None
+                 ) -> jax.Array:
+    """x [A, D] (rows grouped by expert, sizes [E], or `RowExperts`) x w [E, D, N] -> [A, N] float32 (rows past the
+    groups -> 0), each row reading its expert's [D, N] once, `DENSE_STEP` input rows at a time; operands in w's
+    dtype, products and sums in float32. No VJP: `dense_matmul` is this with one."""
     e, d, n = w.shape
     a = x.shape[0]
     step_rows = DENSE_STEP
@@ -106,7 +122,7 @@ def dense_kernel(x: jax.Array, w: jax.Array, group_sizes: jax.Array, interpret: 
 
 
 @jax.custom_vjp
-def dense_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
+def dense_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array | RowExperts) -> jax.Array:
     """`dense_kernel` (Triton on GPUs, interpreted elsewhere), differentiable: its VJP is plain XLA, each row's
     gradient from its own expert's weight."""
     return dense_kernel(x, w, group_sizes)

@@ -45,3 +45,27 @@ def test_device_decode_dense_variants_agree(tmp_path):
     assert [r["impl"] for r in result["expert_matmul"]] == ["gathered", "einsum", "kernel"]
     assert all(r["max_rel_diff"] <= 1e-5 for r in result["expert_matmul"])  # exact bf16 products, float32 sums
     assert "runs" not in result
+
+
+def test_launch_counts_read_a_compiled_entry_computation():
+    """benchmarks/gpu_launches.py counts what a step launches from XLA's compiled text (on CPU here: the script
+    itself needs the CUDA plugin): every instruction of the entry computation that does work, the ROOT included,
+    none of the parameters, constants or tuples, nor anything inside the fused computations."""
+    import re
+
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks.gpu_launches import entry_instructions, launch_counts
+
+    for fn in (lambda x: jnp.tanh(x @ x) + 1, lambda x: (jnp.sort(x), jnp.tanh(x @ x) + 1)):
+        text = jax.jit(fn).lower(jnp.ones((64, 64))).compile().as_text()
+        entry = text[text.find("\nENTRY"):]
+        counts, names = launch_counts(text), [name for name, *_ in entry_instructions(text)]
+        root = re.search(r"ROOT %(\S+) = (?:\([^()]*\)|\S+) ([a-z][\w.-]*)\(", entry)
+        print(f"CPU compile: {dict(counts)} ({names}), ROOT {root.groups()}")
+        assert counts["dot"] + counts["fusion"] >= 1 and counts["sort"] == (len(names) > 2)
+        assert not {"parameter", "tuple", "constant"} & set(counts)
+        assert len(names) == len(set(names)) == sum(counts.values())
+        assert all(f"%{name} = " in entry for name in names)
+        assert (root.group(1) in names) == (root.group(2) != "tuple")

@@ -158,7 +158,7 @@ def test_cached_decode_logits_equal_full_recompute(model, prompts, greedy):
     print(f"cached decode vs full recompute over {len(new)} steps: max |Δlogit| {err:.2e}")
     assert err <= 1e-4
     sliding = [c for layer, c in enumerate(caches) if cfg.window(layer) is not None]
-    assert {c.k.shape[1] for c in sliding} == {cfg.sliding_window}  # ring: memory independent of the context
+    assert {c.k.shape[2] for c in sliding} == {cfg.sliding_window}  # ring: memory independent of the context
 
 
 def test_a_bf16_model_keeps_a_bf16_cache_at_no_cost_in_precision(ckpt, prompts, monkeypatch):

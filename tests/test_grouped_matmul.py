@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from oss_jax import moe, rowkernel, tiles
+from oss_jax import moe, packed, rowkernel, tiles
 
 D, N = 48, 40
 
@@ -205,3 +205,51 @@ def test_inside_shard_map_per_device_groups(check_vma, form, force_backend):
             errs.append(float(np.abs(np.asarray(x) - w).max(initial=0.0)))
             np.testing.assert_allclose(np.asarray(x), w, rtol=1e-5, atol=1e-4)
     print(f"{p} devices, group sizes {sizes.tolist()}: max |err| vs float64 {max(errs):.1e}")
+
+
+@pytest.mark.parametrize("form", ["gathered", "kernel", "packed-gathered", "packed-kernel"])
+def test_row_forms_take_rows_in_any_order(form):
+    """The row forms (decode on accelerators) given each row's expert (`rowkernel.RowExperts`: rows in any order,
+    some not valid) equal the same rows grouped by expert, row for row, and invalid rows come out exactly 0; dense
+    forms' gradients too (an expert's gradient sums its rows wherever they sit). This is how decode skips the sort
+    by expert and the scatter back (`moe.moe_local`)."""
+    sizes, a = CASES["decode-repeats"]  # 4 rows: experts 1, 1, 8, 11
+    lhs, rhs, gs, g = inputs(sizes, a)
+    grouped_ids = np.repeat(np.arange(len(sizes)), sizes)
+    order = np.array([2, 0, 3, 1])  # any order: rows of one expert apart
+    valid = np.array([True, True, False, True])
+    rows = rowkernel.RowExperts(jnp.asarray(grouped_ids[order], jnp.int32), jnp.asarray(valid))
+    if form.startswith("packed"):
+        rng = np.random.default_rng(1)
+        blocks = rng.integers(0, 256, (len(sizes), N, 64 // 32, 16), dtype=np.uint8)
+        w = packed.MXFP4(jnp.asarray(blocks), jnp.asarray(rng.integers(118, 126, blocks.shape[:3], dtype=np.uint8)))
+        x = np.random.default_rng(2).standard_normal((a, 64)).astype(np.float32)
+        fn = packed.gathered_matmul if form == "packed-gathered" else packed.kernel_matmul
+        want = np.asarray(jax.jit(fn)(x, w, gs))
+        got = np.asarray(jax.jit(fn)(x[order], w, rows))
+        err = float(np.abs(got[valid] - want[order][valid]).max())
+        print(f"{form}: rows in any order vs grouped max |Δ| {err:.1e}")
+    else:
+        fn = moe.gathered_matmul if form == "gathered" else rowkernel.dense_matmul
+        want = value_and_grads(fn, lhs, rhs, gs, g)
+        got = value_and_grads(fn, lhs[order], rhs, rows, np.where(valid[:, None], g[order], 0))
+        err = max(float(np.abs(got[0][valid] - want[0][order][valid]).max()),
+                  float(np.abs(got[1][valid] - want[1][order][valid]).max()))
+        d_rhs = want[2].copy()
+        d_rhs[grouped_ids[order][~valid]] = 0  # the invalid row (expert 11's only one) is left out: no gradient
+        err_w = float(np.abs(got[2] - d_rhs).max())
+        print(f"{form}: rows in any order vs grouped max |Δ| y/d_lhs {err:.1e}, d_rhs {err_w:.1e}")
+        np.testing.assert_allclose(got[2], d_rhs, rtol=1e-6, atol=1e-6)
+        assert not got[1][~valid].any()
+        got = got[0]
+    assert err <= 1e-6
+    assert not got[~valid].any()
+
+
+def test_row_experts_only_where_a_row_form_runs(force_backend):
+    """Grouping is the contract of the other forms: RowExperts there is one clear error, not wrong rows."""
+    force_backend("gpu")
+    lhs, rhs, _, _ = inputs([1] * 4, 40)
+    rows = rowkernel.RowExperts(jnp.zeros((40,), jnp.int32), jnp.ones((40,), bool))
+    with pytest.raises(ValueError, match="40 rows over 4 experts must come grouped by expert"):
+        moe.grouped_matmul(jnp.asarray(lhs), jnp.asarray(rhs), rows)

@@ -379,9 +379,14 @@ def _numpy_attend(q, k, v, sinks, mask, scale):
     return np.einsum("bkgts,bskh->btkgh", probs, v)
 
 
+def _kv_heads_first(a):
+    """keys or values [B, S, K, H] (as the numpy formulas take them) -> [B, K, S, H] (as `attend` does)."""
+    return jnp.asarray(a, jnp.float32).transpose(0, 2, 1, 3)
+
+
 def _jax_attend(q, k, v, sinks, mask, scale):
     f32 = jnp.float32
-    out = jax.jit(attend)(jnp.asarray(q, f32), jnp.asarray(k, f32), jnp.asarray(v, f32), jnp.asarray(sinks, f32),
+    out = jax.jit(attend)(jnp.asarray(q, f32), _kv_heads_first(k), _kv_heads_first(v), jnp.asarray(sinks, f32),
                           jnp.asarray(mask), scale)
     return np.asarray(out)
 
@@ -452,8 +457,8 @@ def test_attend_in_blocks_equals_numpy(window, cached):
     for q_pos in ([[2, 3, 4, 5, 6, 7], [0, 1, 2, 3, 4, -1]], [[0, 1, 2, 3, -1, -1], [0, 1, 2, 3, 3, -1]]):
         q_pos = np.array(q_pos, np.int32)
         mask = np.asarray(attention_mask(jnp.asarray(q_pos), jnp.asarray(k_pos), window))
-        got = np.asarray(run(*(jnp.asarray(a, f32) for a in (q, k, v, sinks)), jnp.asarray(q_pos),
-                             jnp.asarray(k_pos), window, 0.3, block, cached))
+        got = np.asarray(run(jnp.asarray(q, f32), _kv_heads_first(k), _kv_heads_first(v), jnp.asarray(sinks, f32),
+                             jnp.asarray(q_pos), jnp.asarray(k_pos), window, 0.3, block, cached))
         err = float(np.max(np.abs(got - _numpy_attend(q, k, v, sinks, mask, 0.3))))
         print(f"attend_in_blocks (window {window}, cached {cached}, last query {q_pos.max()}) vs float64: {err:.1e}")
         assert err < 1e-5
@@ -493,7 +498,7 @@ def test_attend_with_mask_matches_reference_sdpa(tiny_config):
     for layer in (0, 1):
         window = cfg.window(layer)
         ref = sdpa(*(torch.from_numpy(a) for a in (q, k, v, sinks)), scale, window or 0).numpy()
-        out = attend(jnp.asarray(q)[None], jnp.asarray(k)[None], jnp.asarray(v)[None],
+        out = attend(jnp.asarray(q)[None], _kv_heads_first(k[None]), _kv_heads_first(v[None]),
                      jnp.asarray(sinks).reshape(kv, g), attention_mask(pos, pos, window), scale)
         out = np.asarray(out)[0].reshape(t, -1)
         print(f"window={window}: max error vs reference sdpa = {np.abs(out - ref).max():.3e}")
@@ -666,3 +671,30 @@ def test_swiglu_matches_reference_random():
     out = np.asarray(swiglu(jnp.asarray(h), 7.0, 1.702))
     print(f"swiglu max error vs reference = {np.abs(out - expected).max():.3e}")
     np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("slots", [8, 4], ids=["full", "ring"])
+def test_cache_writes_one_position_at_a_time(slots):
+    """Decode at batch 1 writes its one position with in-place slot updates (`LayerCache._write_one`), other shapes
+    with a scatter: both keep a slot per position modulo the slots (a ring overwrites its oldest), and a padding
+    position (-1) changes nothing. Checked against numpy and against the scatter (the same row twice, batch 2)."""
+    from oss_jax.cache import LayerCache
+
+    rng = np.random.default_rng(slots)
+    k_h = (2, 3)
+    kv = (1, k_h[0], slots, k_h[1])  # [B, K, S, H]
+    one = LayerCache(jnp.zeros(kv), jnp.zeros(kv), jnp.full((1, slots), -1, jnp.int32))
+    two = jax.tree.map(lambda a: jnp.concatenate([a, a]), one)
+    want_k, want_pos = np.zeros((slots, *k_h), np.float32), np.full(slots, -1)
+    for p in [0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, 9, 10]:
+        k, v = rng.standard_normal((2, 1, 1, *k_h)).astype(np.float32)
+        one = one.write(jnp.asarray(k), jnp.asarray(v), jnp.full((1, 1), p, jnp.int32))
+        two = two.write(jnp.asarray(np.concatenate([k, k])), jnp.asarray(np.concatenate([v, v])),
+                        jnp.full((2, 1), p, jnp.int32))
+        if p >= 0:
+            want_k[p % slots], want_pos[p % slots] = k[0, 0], p
+        np.testing.assert_array_equal(np.asarray(one.k[0]).transpose(1, 0, 2), want_k)
+        np.testing.assert_array_equal(np.asarray(one.pos[0]), want_pos)
+        for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(two), strict=True):
+            np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(b[1]))
+    assert sorted(want_pos) == list(range(11 - slots, 11))  # the last `slots` positions survive
