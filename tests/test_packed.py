@@ -21,7 +21,7 @@ from jaxprs import HOST_WAITS, primitives, triton_modules_verified
 from convert import layouts
 from convert.streaming import convert_checkpoint
 from convert.synthetic import make_checkpoint, random_hf_tensors
-from oss_jax import checkpoint, cli, layers, mxfp4, packed, rowkernel
+from oss_jax import checkpoint, cli, layers, moe, mxfp4, packed, rowkernel
 from oss_jax.cache import init_cache
 from oss_jax.generate import decode_step, prefill_step, split_model
 from oss_jax.model import forward, model_from_params
@@ -218,6 +218,37 @@ def test_moe_layer_packed_equals_dense(cfg, params):
     err, scale = float(jnp.abs(got - want).max()), float(jnp.abs(want).max())
     print(f"MoE layer: packed vs dense max |Δ| {err:.2e}, max |y| {scale:.2f}")
     assert err <= 1e-6 * max(scale, 10.0)
+
+
+def test_expert_parallel_decode_rows_reach_the_experts_unsorted(cfg, params, force_backend, monkeypatch):
+    """Decode on GPUs (forms forced here, kernels interpreted) in an expert-parallel shard whose dispatch buffer holds
+    at most as many rows as it has experts (2 devices x 1 token x 4 assignments = 8 rows over 12 local experts): the
+    rows go to the row forms unsorted (`moe.unsorted`), padding rows marked not valid. Outputs equal the CPU path's
+    (one device, sorted, looped; float32 sums in another order), packed and dense, to 1e-5 of the largest, as in
+    `test_accelerator_expert_paths_equal_the_cpu_paths` (which covers one device's unsorted rows)."""
+    x = jax.random.normal(jax.random.key(1), (2, cfg.hidden_size), jnp.float32)
+    p = "layers.1.moe."
+    w = [jnp.asarray(params[p + n]) for n in ("router_kernel", "router_bias", "mlp1_kernel", "mlp1_bias",
+                                             "mlp2_kernel", "mlp2_bias")]
+    packs = packed.pack_params({p + n: params[p + n] for n in ("mlp1_kernel", "mlp2_kernel")})
+    wp = list(w)
+    wp[2], wp[4] = (packed.MXFP4(jnp.asarray(packs[p + n + ".blocks"]), jnp.asarray(packs[p + n + ".scales"]))
+                    for n in ("mlp1_kernel", "mlp2_kernel"))
+    local = jax.jit(lambda x, *w: moe_local(x, *w, cfg=cfg, dtype=jnp.float32))
+    want = {"dense": local(x, *w), "packed": local(x, *wp)}
+    force_backend("gpu")
+    taken = []
+    monkeypatch.setattr(moe, "unsorted", lambda a, e, real=moe.unsorted: taken.append((a, e)) or real(a, e))
+    mesh = make_mesh({"expert": 2})
+    sharded = jax.jit(lambda x, *w: moe.moe_expert_parallel(x, *w, cfg=cfg, dtype=jnp.float32, mesh=mesh))
+    for kind, weights in (("dense", w), ("packed", wp)):
+        taken.clear()
+        got = sharded(x, *weights)
+        err, scale = float(jnp.abs(got - want[kind]).max()), float(jnp.abs(want[kind]).max())
+        print(f"expert=2 {kind}: unsorted (rows, experts) {taken} vs the CPU path max |Δ| {err:.2e}, max |y| "
+              f"{scale:.2f}")
+        assert taken == [(8, 12)]
+        assert err <= 1e-5 * scale
 
 
 MESHES = [{}, {"expert": 8}, {"data": 2, "expert": 2, "tensor": 2}]
