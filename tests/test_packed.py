@@ -203,16 +203,22 @@ def test_gpu_steps_have_no_data_dependent_loops(short, shape, force_backend):
                 assert "sort" not in seen
 
 
-def test_moe_layer_packed_equals_dense(cfg, params):
-    """One MoE layer in float32 (no depth to amplify rounding): packed == dequantized, to 1e-6 of the largest output."""
-    x = jax.random.normal(jax.random.key(0), (40, cfg.hidden_size), jnp.float32)
-    p = "layers.1.moe."
+def moe_weights(params, p: str = "layers.1.moe."):
+    """One MoE layer's weights as `moe_local` takes them (router kernel and bias, mlp1 and mlp2 kernels and biases):
+    dense, and with the two expert kernels packed."""
     w = [jnp.asarray(params[p + n]) for n in ("router_kernel", "router_bias", "mlp1_kernel", "mlp1_bias",
                                              "mlp2_kernel", "mlp2_bias")]
     packs = packed.pack_params({p + n: params[p + n] for n in ("mlp1_kernel", "mlp2_kernel")})
     wp = list(w)
     wp[2], wp[4] = (packed.MXFP4(jnp.asarray(packs[p + n + ".blocks"]), jnp.asarray(packs[p + n + ".scales"]))
                     for n in ("mlp1_kernel", "mlp2_kernel"))
+    return w, wp
+
+
+def test_moe_layer_packed_equals_dense(cfg, params):
+    """One MoE layer in float32 (no depth to amplify rounding): packed == dequantized, to 1e-6 of the largest output."""
+    x = jax.random.normal(jax.random.key(0), (40, cfg.hidden_size), jnp.float32)
+    w, wp = moe_weights(params)
     layer = jax.jit(lambda x, *w: moe_local(x, *w, cfg=cfg, dtype=jnp.float32))
     want, got = layer(x, *w), layer(x, *wp)
     err, scale = float(jnp.abs(got - want).max()), float(jnp.abs(want).max())
@@ -227,13 +233,7 @@ def test_expert_parallel_decode_rows_reach_the_experts_unsorted(cfg, params, for
     (one device, sorted, looped; float32 sums in another order), packed and dense, to 1e-5 of the largest, as in
     `test_accelerator_expert_paths_equal_the_cpu_paths` (which covers one device's unsorted rows)."""
     x = jax.random.normal(jax.random.key(1), (2, cfg.hidden_size), jnp.float32)
-    p = "layers.1.moe."
-    w = [jnp.asarray(params[p + n]) for n in ("router_kernel", "router_bias", "mlp1_kernel", "mlp1_bias",
-                                             "mlp2_kernel", "mlp2_bias")]
-    packs = packed.pack_params({p + n: params[p + n] for n in ("mlp1_kernel", "mlp2_kernel")})
-    wp = list(w)
-    wp[2], wp[4] = (packed.MXFP4(jnp.asarray(packs[p + n + ".blocks"]), jnp.asarray(packs[p + n + ".scales"]))
-                    for n in ("mlp1_kernel", "mlp2_kernel"))
+    w, wp = moe_weights(params)
     local = jax.jit(lambda x, *w: moe_local(x, *w, cfg=cfg, dtype=jnp.float32))
     want = {"dense": local(x, *w), "packed": local(x, *wp)}
     force_backend("gpu")
