@@ -64,9 +64,7 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array | rowk
     """
     if packed.row_form(lhs.shape[0], rhs.shape[0], False):
         return (rowkernel.dense_matmul if packed.backend() == "gpu" else gathered_matmul)(lhs, rhs, group_sizes)
-    if isinstance(group_sizes, rowkernel.RowExperts):
-        raise ValueError(f"moe.grouped_matmul: {lhs.shape[0]} rows over {rhs.shape[0]} experts must come grouped by "
-                         "expert (group sizes), not as RowExperts: see packed.row_form")
+    group_sizes = rowkernel.require_groups(group_sizes, lhs.shape[0], rhs.shape[0], "moe.grouped_matmul")
     if packed.on_cpu():
         return _tiled_grouped_matmul(lhs, rhs, group_sizes)
     if packed.backend() == "gpu":

@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from oss_jax import mxfp4, tiles
 from oss_jax.params import path_name
-from oss_jax.rowkernel import RowExperts, grid_plan, interpreted, row_experts, row_kernel
+from oss_jax.rowkernel import RowExperts, grid_plan, interpreted, require_groups, row_experts, row_kernel
 from oss_jax.sharding import RULES, partition_spec
 
 GROUPS = "mlp_groups"  # the F/32 group axis of packed mlp2: split over `tensor` only where the groups divide
@@ -164,9 +164,7 @@ def grouped_matmul(lhs: jax.Array, w: MXFP4, group_sizes: jax.Array | RowExperts
         x = jax.lax.dynamic_update_slice_in_dim(jnp.zeros((x.shape[0], width), dtype), x, offset, 1)
     if row_form(x.shape[0], e, True):
         return (kernel_matmul if backend() == "gpu" else gathered_matmul)(x, w, group_sizes)
-    if isinstance(group_sizes, RowExperts):
-        raise ValueError(f"packed.grouped_matmul: {x.shape[0]} rows over {e} experts must come grouped by expert "
-                         "(group sizes), not as RowExperts: see row_form")
+    group_sizes = require_groups(group_sizes, x.shape[0], e, "packed.grouped_matmul")
     if on_cpu():
         return looped_matmul(x, w, group_sizes, dtype)
     return fixed_loop_matmul(x, w, group_sizes, dtype)

@@ -32,6 +32,15 @@ class RowExperts(NamedTuple):
     valid: jax.Array
 
 
+def require_groups(group_sizes: jax.Array | RowExperts, a: int, e: int, caller: str) -> jax.Array:
+    """Group sizes [E] as given, for the forms that loop over experts (not a row form: see `packed.row_form`); rows
+    given as `RowExperts` there are one clear error."""
+    if isinstance(group_sizes, RowExperts):
+        raise ValueError(f"{caller}: {a} rows over {e} experts must come grouped by expert (group sizes), not as "
+                         "RowExperts: see packed.row_form")
+    return group_sizes
+
+
 def row_experts(group_sizes: jax.Array | RowExperts, a: int) -> RowExperts:
     """Expert id of each of A rows grouped by expert (sizes [E]; rows past the groups: the last expert) and whether
     the row is in a group; `RowExperts` as given. Compares against every group end: no loop (a while loop syncs with
