@@ -7,12 +7,15 @@ step). This script makes that count a number any machine can reproduce:
 
     python -m venv --system-site-packages /tmp/gpuvenv && . /tmp/gpuvenv/bin/activate
     pip install "jax-cuda12-plugin[with-cuda]==$(python -c 'import jax; print(jax.__version__)')"   # ~5 GB
-    python benchmarks/gpu_launches.py --model gpt-oss-20b --batch 1
+    python benchmarks/gpu_launches.py --model gpt-oss-20b --batch 1 --outputs 8
     python benchmarks/gpu_launches.py --model gpt-oss-120b --batch 8 --hlo /tmp/hlo.txt --show 80
 
-Printed: launches per step by kind (fusion, custom-call: the Pallas kernels, copy, ...) and per layer, and with
---show N the first N launches in program order (name, shape, the jax operation that made it). A separate environment
-keeps the CUDA plugin away from the project's (with it, jax looks for a GPU at start and warns without one).
+Printed: launches per step by kind (fusion, custom-call: the Pallas kernels, copy, ...) and per layer; with
+--outputs N the bytes all launches write and the N kinds of launch that write the most (a float32 intermediate
+written out and read back shows up there: it is how k's and v's one-row products were found, 283 of 387 MB a 20b
+batch-1 step); with --show N the first N launches in program order (name, shape, the jax operation that made
+it). A separate environment keeps the CUDA plugin away from the project's (with it, jax looks for a GPU at start
+and warns without one).
 
 The counts are XLA's decisions for this spec; what needs the hardware is not here: without autotuning, GEMM
 fusions take heuristic tilings (on a GPU, measured ones: split-K pads seen here may not be chosen there), and the
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import math
 import os
 import re
 import sys
@@ -96,6 +100,31 @@ def launch_counts(text: str) -> collections.Counter:
     return collections.Counter(op for _, _, op, _ in entry_instructions(text))
 
 
+_ARRAY = re.compile(r"(\w+)\[([\d,]*)\]")
+_BITS = {"pred": 8, "s8": 8, "u8": 8, "bf16": 16, "f16": 16, "s16": 16, "u16": 16, "f32": 32, "s32": 32, "u32": 32,
+         "f64": 64, "s64": 64, "u64": 64}
+
+
+def shape_bytes(shape: str) -> int:
+    """Bytes of an HLO shape ("f32[8,64]{1,0}", or a tuple of them)."""
+    return sum(_BITS[dtype] // 8 * math.prod(int(d) for d in dims.split(",") if d)
+               for dtype, dims in _ARRAY.findall(shape) if dtype in _BITS)
+
+
+def largest_outputs(text: str, n: int) -> list[tuple[str, int, int, str]]:
+    """The `n` kinds of launch (name without its numeric suffix) whose outputs total the most bytes per step:
+    (kind, bytes, launches, the jax operation that made the first). An intermediate that a step writes out and reads
+    back shows up here; an in-place update (the cache's) writes only its slot but is listed at its buffer's size."""
+    total, count, made_by = collections.Counter(), collections.Counter(), {}
+    for name, shape, _, rest in entry_instructions(text):
+        kind = re.sub(r"\.\d+$", "", name)
+        total[kind] += shape_bytes(shape)
+        count[kind] += 1
+        op = re.search(r'op_name="([^"]*)"', rest)
+        made_by.setdefault(kind, op.group(1) if op else "")
+    return [(kind, b, count[kind], made_by[kind]) for kind, b in total.most_common(n)]
+
+
 def compile_step(cfg: ModelConfig, spec: dict, step: str, batch: int, slots: int, chunk: int,
                  packed_experts: bool, dtype) -> str:
     """The compiled HLO text of `generate`'s decode (or prefill) step for one GPU of `spec`, from shapes alone."""
@@ -130,6 +159,8 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=256, help="prefill chunk length")
     p.add_argument("--experts", choices=["packed", "bf16"], default="packed")
     p.add_argument("--hlo", type=Path, default=None, help="write the compiled HLO here")
+    p.add_argument("--outputs", type=int, default=0, metavar="N",
+                   help="print the N kinds of launch whose outputs total the most bytes per step")
     p.add_argument("--show", type=int, default=0, metavar="N",
                    help="print the first N launches (name, shape, the jax operation that made it)")
     args = p.parse_args()
@@ -146,6 +177,11 @@ def main() -> None:
           f"for {SPECS[args.gpu]['name']} with jax {jax.__version__}: {total} launches per step, "
           f"{total / cfg.num_hidden_layers:.1f} per layer [" + ", ".join(f"{k} {v}" for k, v in counts.most_common())
           + "]")
+    if args.outputs:
+        written = sum(shape_bytes(shape) for _, shape, _, _ in entry_instructions(text))
+        print(f"outputs of all launches: {written / 1e6:.1f} MB per step; the largest:")
+        for kind, b, n, made_by in largest_outputs(text, args.outputs):
+            print(f"  {b / 1e6:9.2f} MB {n:5d}x {kind:36s} {made_by}")
     for name, shape, _, rest in entry_instructions(text)[:args.show]:
         made_by = re.search(r'op_name="([^"]*)"', rest)
         print(f"  {name:40s} {shape.split('{')[0][:48]:48s} {made_by.group(1) if made_by else ''}")

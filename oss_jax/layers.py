@@ -184,6 +184,20 @@ def project(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)
 
 
+def gemm_rows(x: jax.Array) -> jax.Array:
+    """x [B, T, D] as the attention projections take it: on a GPU, a single row (B = T = 1) gets a zero row after it.
+
+    XLA:GPU turns a one-row product with a small weight (k's and v's [2880, 512]) into a multiply that writes the
+    float32 products out and column reductions that read them back: 2 x 5.9 MB a layer, ~0.6 GB a 20b decode step.
+    At two rows each stays a GEMM, and XLA merges q, k and v (one operand, three weights) into one GEMM that reads
+    the three weights inside the kernel: 8 launches a layer become 5 (`benchmarks/gpu_launches.py` counts them).
+    (The router's [2880, 32] at two rows gained one launch for 20b but, split 32 ways with its weight padded, lost
+    three for 120b's [2880, 128]: it stays one row.) The caller drops the extra row."""
+    if packed.backend() != "gpu" or x.shape[0] * x.shape[1] != 1:
+        return x
+    return jnp.pad(x, ((0, 0), (0, 1), (0, 0)))
+
+
 class Attention(nnx.Module):
     """GQA self-attention with biases, learned sinks, YaRN RoPE and an optional sliding window."""
 
@@ -209,13 +223,14 @@ class Attention(nnx.Module):
         """
         cfg, dt = self.cfg, self.dtype
         x = x.astype(dt)
-        q = project("BTD,DNH->BTNH", x, self.q_kernel[...].astype(dt))
-        k = project("BTD,DKH->BTKH", x, self.k_kernel[...].astype(dt))
-        v = project("BTD,DKH->BTKH", x, self.v_kernel[...].astype(dt))
+        b, t = x.shape[:2]
+        rows = gemm_rows(x) if ROW_KERNEL_ROWS < 1 else x
+        q = project("BTD,DNH->BTNH", rows, self.q_kernel[...].astype(dt))[:, :t]
+        k = project("BTD,DKH->BTKH", rows, self.k_kernel[...].astype(dt))[:, :t]
+        v = project("BTD,DKH->BTKH", rows, self.v_kernel[...].astype(dt))[:, :t]
         q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
         cos, sin = rope_cos_sin(cfg, positions)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        b, t = q.shape[:2]
         q = q.reshape(b, t, cfg.num_key_value_heads, cfg.q_per_kv, cfg.head_dim)
         keys, values, k_pos = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions  # [B, K, T, H]
         full_cache = cache is not None and self.window is None

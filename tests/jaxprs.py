@@ -8,19 +8,24 @@ from jax.extend.core import ClosedJaxpr, Jaxpr
 HOST_WAITS = frozenset({"while", "cond"})
 
 
-def primitives(jaxpr: ClosedJaxpr | Jaxpr, seen: set[str] | None = None) -> set[str]:
-    """Every primitive's name in `jaxpr` and in the jaxprs nested in its equations' parameters; a Pallas kernel's
-    own loops run on the device and are not entered."""
-    seen = set() if seen is None else seen
+def equations(jaxpr: ClosedJaxpr | Jaxpr) -> list:
+    """Every equation of `jaxpr` and of the jaxprs nested in its equations' parameters, in order; a Pallas kernel's
+    own equations run on the device and are not entered."""
+    out = []
     for eqn in (jaxpr.jaxpr if isinstance(jaxpr, ClosedJaxpr) else jaxpr).eqns:
-        seen.add(eqn.primitive.name)
+        out.append(eqn)
         if eqn.primitive.name == "pallas_call":
             continue
         for value in eqn.params.values():
             for sub in value if isinstance(value, (list, tuple)) else (value,):
                 if isinstance(sub, (ClosedJaxpr, Jaxpr)):
-                    primitives(sub, seen)
-    return seen
+                    out.extend(equations(sub))
+    return out
+
+
+def primitives(jaxpr: ClosedJaxpr | Jaxpr) -> set[str]:
+    """Every primitive's name in `jaxpr` and in the jaxprs nested in it (see `equations`)."""
+    return {eqn.primitive.name for eqn in equations(jaxpr)}
 
 
 def triton_modules_verified(fn, *args) -> int:

@@ -69,3 +69,24 @@ def test_launch_counts_read_a_compiled_entry_computation():
         assert len(names) == len(set(names)) == sum(counts.values())
         assert all(f"%{name} = " in entry for name in names)
         assert (root.group(1) in names) == (root.group(2) != "tuple")
+
+
+def test_largest_outputs_total_what_each_launch_writes():
+    """gpu_launches' --outputs: bytes of HLO shapes (tuples summed, bf16 2 bytes, pred 1) and, per kind of launch,
+    the total its outputs hold, largest first: a jitted step that writes a [256, 512] float32 intermediate out (a
+    sort's operand, which no fusion can take) lists it at 512 KiB."""
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks.gpu_launches import entry_instructions, largest_outputs, shape_bytes
+
+    assert shape_bytes("f32[8,64]{1,0}") == 2048 and shape_bytes("(bf16[3]{0}, pred[2,2]{1,0})") == 10
+    assert shape_bytes("s32[]") == 4
+    text = jax.jit(lambda x, w: jnp.sort(jnp.tanh(x @ w), axis=0)[:2]).lower(
+        jnp.ones((256, 64)), jnp.ones((64, 512))).compile().as_text()
+    largest = largest_outputs(text, 8)
+    print(largest)
+    total = sum(shape_bytes(shape) for _, shape, _, _ in entry_instructions(text))
+    assert sum(b for _, b, _, _ in largest) == total and total >= 2 * 256 * 512 * 4
+    assert largest[0][1] >= 256 * 512 * 4 and [b for _, b, _, _ in largest] == sorted((b for _, b, _, _ in largest),
+                                                                                     reverse=True)

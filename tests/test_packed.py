@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jaxprs import HOST_WAITS, primitives, triton_modules_verified
+from jaxprs import HOST_WAITS, equations, primitives, triton_modules_verified
 
 from convert import layouts
 from convert.streaming import convert_checkpoint
@@ -201,6 +201,41 @@ def test_gpu_steps_have_no_data_dependent_loops(short, shape, force_backend):
             assert not seen & HOST_WAITS
             if name == "decode" and not shape:  # rows name their experts: no sort by expert (`moe.moe_local`)
                 assert "sort" not in seen
+
+
+def test_gpu_decode_at_batch_1_projects_two_rows(short, force_backend):
+    """Decode at batch 1 in GPUs' forms: q, k and v each project two rows, the token's and a zero row
+    (`layers.gemm_rows`: XLA:GPU compiles a one-row product of k's or v's weight into a multiply that writes its
+    float32 products out, and merges q, k and v at two rows into one GEMM), and the logits of 4 decode steps equal the
+    CPU forms' (which project the one row) within 1e-5 of the largest; batch 2 projects its two rows, no more."""
+    cfg, params = short
+    split = split_model(placed_model(cfg, params, False, None))
+    d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    tokens = np.random.default_rng(7).integers(0, cfg.vocab_size, size=(1, 12))
+
+    def projected_rows(batch: int) -> set:
+        closed = jax.make_jaxpr(decode_step)(split, jnp.zeros((batch,), jnp.int32), jnp.full((batch,), 8),
+                                            init_cache(cfg, batch, 32))
+        return {e.invars[0].aval.shape for e in equations(closed) if e.primitive.name == "dot_general"
+                and e.invars[1].aval.shape in {(d, n, h), (d, k, h)}}
+
+    def run() -> np.ndarray:
+        caches = init_cache(cfg, 1, 32)
+        _, caches = prefill_step(split, jnp.asarray(tokens[:, :8]), jnp.arange(8, dtype=jnp.int32)[None], caches)
+        out = []
+        for i in range(8, 12):
+            logits, caches = decode_step(split, jnp.asarray(tokens[:, i]), jnp.full((1,), i), caches)
+            out.append(np.asarray(logits))
+        return np.stack(out)
+
+    want = run()
+    assert projected_rows(1) == {(1, 1, d)}
+    force_backend("gpu")
+    assert projected_rows(1) == {(1, 2, d)} and projected_rows(2) == {(2, 1, d)}
+    got = run()
+    err, scale = float(np.abs(got - want).max()), float(np.abs(want).max())
+    print(f"batch-1 decode, GPUs' forms (two projected rows) vs CPU's: max |Δ| {err:.2e}, max |logit| {scale:.2f}")
+    assert err <= 1e-5 * scale
 
 
 def moe_weights(params, p: str = "layers.1.moe."):
