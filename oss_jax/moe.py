@@ -24,6 +24,22 @@ def route(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     return ids.astype(jnp.int32), jax.nn.softmax(top.astype(jnp.float32), axis=-1)
 
 
+def router_logits(x: jax.Array, router_w: jax.Array, router_b: jax.Array, k: int, dtype: jnp.dtype) -> jax.Array:
+    """x [X, D] -> x @ router_w + router_b [X, E] float32 (x and the weight as `dtype` values, summed in float32).
+
+    Decode on GPUs (at most E/k rows) sums the products and the bias in one reduction. XLA:GPU compiled the product
+    at 8 rows into a GEMM split 32 ways over D, padded to 3072 (x and the weight copied into padded buffers every
+    step), a reduction of the 32 parts and the bias as one more launch: 5 launches where this takes 2 (20b and
+    120b, benchmarks/gpu_launches.py); at one row, a reduction and the bias (for 120b's [2880, 128], the float32
+    products written out first): one launch more than this."""
+    w = router_w.astype(dtype)
+    if packed.backend() != "gpu" or x.shape[0] * k > w.shape[1]:
+        return jnp.einsum("XD,DE->XE", x, w, preferred_element_type=jnp.float32) + router_b
+    products = x.astype(jnp.float32)[:, :, None] * w.astype(jnp.float32)  # exact: products of two `dtype` values
+    bias = jnp.broadcast_to(router_b.astype(jnp.float32), (x.shape[0], 1, w.shape[1]))
+    return jnp.sum(jnp.concatenate([products, bias], axis=1), axis=1)
+
+
 def permute(x: jax.Array, ids: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """x [X, D], ids [X, k] -> rows [A, D] grouped by expert, their expert ids [A], group sizes [E], order [A]."""
     k = ids.shape[1]
@@ -311,8 +327,7 @@ def moe_local(x: jax.Array, router_w: jax.Array, router_b: jax.Array, w1: jax.Ar
     """x [X, D] -> [X, D] with every expert in reach (one device, or one expert-parallel shard's own experts)."""
     k = cfg.experts_per_token
     with jax.named_scope("route"):
-        logits = jnp.einsum("XD,DE->XE", x, router_w.astype(dtype), preferred_element_type=jnp.float32) + router_b
-        ids, weights = route(logits, k)
+        ids, weights = route(router_logits(x, router_w, router_b, k, dtype), k)
     if unsorted(x.shape[0] * k, w1.shape[0]):
         with jax.named_scope("experts"):
             flat = ids.reshape(-1)
@@ -355,8 +370,7 @@ def dispatch_slots(ids: jax.Array, experts_per_device: int, devices: int
 def _ep_shard(x_, router_w, router_b, w1_, b1_, w2_, b2_, *, cfg, dtype, tensor_axis):
     """Per device: route local tokens, send each assignment to the device holding its expert, compute, send back."""
     k, e_local, p = cfg.experts_per_token, w1_.shape[0], jax.lax.axis_size("expert")
-    logits = jnp.einsum("XD,DE->XE", x_, router_w.astype(dtype), preferred_element_type=jnp.float32) + router_b
-    ids, weights = route(logits, k)
+    ids, weights = route(router_logits(x_, router_w, router_b, k, dtype), k)
     order, dest, slot = dispatch_slots(ids, e_local, p)
     capacity = ids.size  # dropless: one device may receive every local assignment
     with jax.named_scope("dispatch"):

@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from jaxprs import primitives
 
 from oss_jax import mxfp4
 from oss_jax.config import ModelConfig
 from oss_jax.layers import apply_rope, attend, attention_mask, rope_cos_sin, yarn_inv_freq
-from oss_jax.moe import MoE, route, swiglu
+from oss_jax.moe import MoE, route, router_logits, swiglu
 from oss_jax.params import flat_params
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -521,6 +522,32 @@ def test_route_topk_then_softmax_hand_case():
     # softmax over all experts then taking the top-2 would give e.g. 0.8360 + 0.1131 for row 0
     all_softmax = np.exp([3.0, 1.0, 0.0, 2.0, -1.0, 5.0]) / np.exp([3.0, 1.0, 0.0, 2.0, -1.0, 5.0]).sum()
     assert abs(float(weights[0, 0]) - all_softmax[5]) > 0.04
+
+
+@pytest.mark.parametrize("rows", [1, 8, 9])
+def test_router_logits_decode_form_equals_float64(rows, force_backend):
+    """The router's logits in bf16 (x and weight as bf16 values, summed in float32) against float64 sums of the same
+    values: the GEMM (CPU, and GPUs above E/k rows) and GPUs' decode form (one reduction over the products and the
+    bias; 1 and 8 rows over 32 experts) both within 2e-6 of the largest |logit|, and the same experts chosen."""
+    d, e, k = 2880, 32, 4
+    rng = np.random.default_rng(rows)
+    x = jnp.asarray(rng.standard_normal((rows, d)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((d, e)) * 0.02, jnp.float32)
+    b = jnp.asarray(rng.standard_normal(e), jnp.float32)
+    want = (np.asarray(x, np.float64) @ np.asarray(w.astype(jnp.bfloat16), np.float64)) + np.asarray(b, np.float64)
+    results = {}
+    for form in ("cpu", "gpu"):
+        force_backend(form)
+        results[form] = np.asarray(jax.jit(router_logits, static_argnums=(3, 4))(x, w, b, k, jnp.bfloat16))
+        gemm = "dot_general" in primitives(jax.make_jaxpr(router_logits, static_argnums=(3, 4))(x, w, b, k,
+                                                                                               jnp.bfloat16))
+        assert gemm == (form == "cpu" or rows * k > e)
+    scale = np.abs(want).max()
+    for form, got in results.items():
+        err = np.abs(got - want).max()
+        print(f"{rows} rows, {form} form: max |Δ| vs float64 {err:.2e} (max |logit| {scale:.2f})")
+        assert got.dtype == np.float32 and err <= 2e-6 * scale
+        np.testing.assert_array_equal(np.argsort(-got, -1)[:, :k], np.argsort(-want, -1)[:, :k])
 
 
 def test_route_random_matches_numpy():
