@@ -7,6 +7,7 @@ needs no bookkeeping beyond `slot = position % slots`.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -61,7 +62,41 @@ class LayerCache:
         return LayerCache(self.k, self.v, jnp.where(self.pos >= length, -1, self.pos))
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: jnp.dtype = jnp.float32) -> list[LayerCache]:
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Caches:
+    """Every layer's cache: keys and values per layer, the positions once per slot count. Layers with as many slots
+    write the same positions to the same slots (`LayerCache.write` depends on nothing else), so full layers share
+    one [B, S] array and sliding layers another. (One per layer cost a launch per layer in every XLA:GPU decode
+    step.) Indexing and iterating give each layer's `LayerCache`."""
+
+    k: list[jax.Array]
+    v: list[jax.Array]
+    pos: list[jax.Array]  # one per slot count
+    group: tuple[int, ...] = dataclasses.field(metadata={"static": True})  # layer -> its entry of `pos`
+
+    @classmethod
+    def of(cls, layers: Sequence[LayerCache]) -> Caches:
+        """The layers' caches, each slot count's positions taken from its first layer (the others hold the same)."""
+        slots, group = [], []
+        for c in layers:
+            if c.pos.shape[1] not in slots:
+                slots.append(c.pos.shape[1])
+            group.append(slots.index(c.pos.shape[1]))
+        pos = [next(c.pos for c in layers if c.pos.shape[1] == s) for s in slots]
+        return cls([c.k for c in layers], [c.v for c in layers], pos, tuple(group))
+
+    def __len__(self) -> int:
+        return len(self.k)
+
+    def __getitem__(self, layer: int) -> LayerCache:
+        return LayerCache(self.k[layer], self.v[layer], self.pos[self.group[layer]])
+
+    def __iter__(self) -> Iterator[LayerCache]:
+        return (self[i] for i in range(len(self)))
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: jnp.dtype = jnp.float32) -> Caches:
     """Empty caches for every layer: `max_len` slots on full layers, `sliding_window` on sliding ones."""
     caches = []
     for layer in range(cfg.num_hidden_layers):
@@ -70,16 +105,16 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: jnp.dtype = jn
         shape = (batch, cfg.num_key_value_heads, slots, cfg.head_dim)
         caches.append(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
                                  jnp.full((batch, slots), -1, jnp.int32)))
-    return caches
+    return Caches.of(caches)
 
 
-def cache_bytes(caches: list[LayerCache]) -> int:
+def cache_bytes(caches: Caches) -> int:
     return sum(leaf.nbytes for leaf in jax.tree.leaves(caches))
 
 
-def grow(cfg: ModelConfig, caches: list[LayerCache], max_len: int) -> list[LayerCache]:
+def grow(cfg: ModelConfig, caches: Caches, max_len: int) -> Caches:
     """The same keys and values in caches of `max_len` slots (layers whose slot count does not change are kept)."""
     bigger = init_cache(cfg, caches[0].pos.shape[0], max_len, caches[0].k.dtype)
-    return [old if new.pos.shape == old.pos.shape else new.write(old.k.transpose(0, 2, 1, 3),
-                                                                  old.v.transpose(0, 2, 1, 3), old.pos)
-            for old, new in zip(caches, bigger, strict=True)]
+    return Caches.of([old if new.pos.shape == old.pos.shape else new.write(old.k.transpose(0, 2, 1, 3),
+                                                                            old.v.transpose(0, 2, 1, 3), old.pos)
+                      for old, new in zip(caches, bigger, strict=True)])

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from oss_jax.cache import LayerCache, init_cache
+from oss_jax.cache import Caches, init_cache
 from oss_jax.model import GptOss, model_mesh
 
 STOP_TOKENS = (200002, 200012)  # <|return|>, <|call|>
@@ -127,14 +127,14 @@ def split_model(model: GptOss | SplitModel) -> SplitModel:
     return SplitModel(_graph(graphdef, treedef), tuple(leaves))
 
 
-def prefill_step(model: GptOss | SplitModel, tokens: jax.Array, positions: jax.Array, caches: list[LayerCache]
-                 ) -> tuple[jax.Array, list[LayerCache]]:
+def prefill_step(model: GptOss | SplitModel, tokens: jax.Array, positions: jax.Array, caches: Caches
+                 ) -> tuple[jax.Array, Caches]:
     """One prompt chunk: tokens/positions [B, C] (-1 = padding) -> logits at each row's last position [B, V]."""
     return _prefill(*split_model(model), tokens, positions, caches)
 
 
-def decode_step(model: GptOss | SplitModel, tokens: jax.Array, positions: jax.Array, caches: list[LayerCache]
-                ) -> tuple[jax.Array, list[LayerCache]]:
+def decode_step(model: GptOss | SplitModel, tokens: jax.Array, positions: jax.Array, caches: Caches
+                ) -> tuple[jax.Array, Caches]:
     """One new token per row: tokens/positions [B] -> logits [B, V]; the cache is donated and updated in place.
 
     Pass a `split_model(model)` when calling in a loop."""
@@ -207,8 +207,8 @@ def _generate(model, prompts, max_new_tokens, sampling, stop_tokens, chunk, on_t
     return new
 
 
-def prefill(model: SplitModel, prompts: Sequence[Sequence[int]], caches: list[LayerCache], chunk: int,
-            starts: Sequence[int] | None = None) -> tuple[jax.Array, list[LayerCache]]:
+def prefill(model: SplitModel, prompts: Sequence[Sequence[int]], caches: Caches, chunk: int,
+            starts: Sequence[int] | None = None) -> tuple[jax.Array, Caches]:
     """Feed each prompt from `starts[i]` on (its earlier tokens already cached; default 0) in chunks of at most
     `chunk` tokens -> logits at each prompt's last token [B, V] and the caches."""
     batch = len(prompts)
@@ -235,10 +235,10 @@ def pipelined() -> bool:
     return jax.default_backend() != "cpu"
 
 
-def decode(model: SplitModel, logits: jax.Array, caches: list[LayerCache], lengths: Sequence[int],
+def decode(model: SplitModel, logits: jax.Array, caches: Caches, lengths: Sequence[int],
            max_new_tokens: int, sampling: Sampling, stop_tokens: Sequence[int],
            on_token: Callable[[np.ndarray, np.ndarray], np.ndarray | None] | None
-           ) -> tuple[list[list[int]], list[LayerCache]]:
+           ) -> tuple[list[list[int]], Caches]:
     """Sample from the prompts' last logits [B, V], then decode one token per step (prompt i holds `lengths[i]`
     tokens) -> new tokens per row, and the caches. With one row, they hold every new token but the last (where a
     stop ended it early and steps are `pipelined`, the last too); with more, a row that stopped early keeps being

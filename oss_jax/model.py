@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from oss_jax import packed
-from oss_jax.cache import LayerCache
+from oss_jax.cache import Caches, LayerCache
 from oss_jax.config import ModelConfig
 from oss_jax.layers import Attention, RMSNorm
 from oss_jax.moe import MoE
@@ -82,15 +82,15 @@ class GptOss(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         return self.unembed_logits(self.hidden(tokens, positions, None)[0])
 
-    def hidden(self, tokens: jax.Array, positions: jax.Array, caches: list[LayerCache] | None
-               ) -> tuple[jax.Array, list[LayerCache] | None]:
+    def hidden(self, tokens: jax.Array, positions: jax.Array, caches: Caches | None
+               ) -> tuple[jax.Array, Caches | None]:
         """tokens [B, T] at positions [B, T] (-1 = padding) -> final-normed hidden [B, T, D] and updated caches."""
         x = jnp.take(self.embed[...], tokens, axis=0).astype(jnp.float32)
         new_caches = []
         for i, block in enumerate(self.layers):
             x, cache = block(x, positions, None if caches is None else caches[i])
             new_caches.append(cache)
-        return self.final_norm(x), (None if caches is None else new_caches)
+        return self.final_norm(x), (None if caches is None else Caches.of(new_caches))
 
     def train_hidden(self, tokens: jax.Array, positions: jax.Array, segments: jax.Array, remat: str = "none"
                      ) -> tuple[jax.Array, jax.Array]:

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from oss_jax.cache import LayerCache, grow, init_cache
+from oss_jax.cache import Caches, LayerCache, grow, init_cache
 from oss_jax.generate import STOP_TOKENS, Sampling, bucket, check_request, decode, prefill, split_model
 from oss_jax.model import GptOss, model_mesh
 
@@ -44,7 +44,7 @@ class Session:
     def reset(self) -> None:
         """Forget the conversation (the next prompt is prefilled from its first token)."""
         self.tokens: list[int] = []  # what the cache holds, position by position
-        self.caches: list[LayerCache] | None = None
+        self.caches: Caches | None = None
         self.snapshots: dict[int, dict[int, LayerCache]] = {}  # prompt length -> its rings, by layer
         self.reused = self.prefilled = 0
 
@@ -87,10 +87,11 @@ class Session:
             self.caches = None
             return 0
         rings = self.snapshots[start]
-        self.caches = [_copy(rings[i]) if i in rings else c.truncate(start) for i, c in enumerate(self.caches)]
+        self.caches = Caches.of([_copy(rings[i]) if i in rings else c.truncate(start)
+                                 for i, c in enumerate(self.caches)])
         return start
 
-    def _reserve(self, length: int) -> list[LayerCache]:
+    def _reserve(self, length: int) -> Caches:
         """Caches with room for `length` positions (slot counts are powers of two, so growing rarely recompiles)."""
         cfg = self.model.cfg
         slots = max(length, min(bucket(length, MIN_SLOTS), cfg.max_position_embeddings))

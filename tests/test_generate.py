@@ -159,6 +159,15 @@ def test_cached_decode_logits_equal_full_recompute(model, prompts, greedy):
     assert err <= 1e-4
     sliding = [c for layer, c in enumerate(caches) if cfg.window(layer) is not None]
     assert {c.k.shape[2] for c in sliding} == {cfg.sliding_window}  # ring: memory independent of the context
+    # positions held once per slot count (full layers' 128, rings' 8), each slot holding the last position it took
+    last = len(prompt) + len(new) - 2
+    full = np.where(np.arange(128) <= last, np.arange(128), -1)
+    w = cfg.sliding_window
+    ring = np.zeros(w, int)
+    ring[np.arange(last - w + 1, last + 1) % w] = np.arange(last - w + 1, last + 1)
+    assert len(caches.pos) == 2 and len(jax.tree.leaves(caches)) == 2 * cfg.num_hidden_layers + 2
+    for layer, c in enumerate(caches):
+        np.testing.assert_array_equal(np.asarray(c.pos[0]), ring if cfg.window(layer) is not None else full)
 
 
 def test_a_bf16_model_keeps_a_bf16_cache_at_no_cost_in_precision(ckpt, prompts, monkeypatch):
