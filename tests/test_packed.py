@@ -207,9 +207,12 @@ def test_gpu_decode_at_batch_1_projects_two_rows(short, force_backend):
     """Decode at batch 1 in GPUs' forms: q, k and v each project two rows, the token's and a zero row
     (`layers.gemm_rows`: XLA:GPU compiles a one-row product of k's or v's weight into a multiply that writes its
     float32 products out, and merges q, k and v at two rows into one GEMM), and the logits of 4 decode steps equal the
-    CPU forms' (which project the one row) within 1e-5 of the largest; batch 2 projects its two rows, no more."""
+    CPU forms' (which project the one row) within 1e-5 of the largest, on one device and sharded over expert=4 x
+    tensor=2 (heads split, the router's decode form inside the expert-parallel shards); batch 2 projects its two
+    rows, no more."""
     cfg, params = short
     split = split_model(placed_model(cfg, params, False, None))
+    mesh = make_mesh({"expert": 4, "tensor": 2})
     d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     tokens = np.random.default_rng(7).integers(0, cfg.vocab_size, size=(1, 12))
 
@@ -219,7 +222,7 @@ def test_gpu_decode_at_batch_1_projects_two_rows(short, force_backend):
         return {e.invars[0].aval.shape for e in equations(closed) if e.primitive.name == "dot_general"
                 and e.invars[1].aval.shape in {(d, n, h), (d, k, h)}}
 
-    def run() -> np.ndarray:
+    def run(split=split) -> np.ndarray:
         caches = init_cache(cfg, 1, 32)
         _, caches = prefill_step(split, jnp.asarray(tokens[:, :8]), jnp.arange(8, dtype=jnp.int32)[None], caches)
         out = []
@@ -232,10 +235,14 @@ def test_gpu_decode_at_batch_1_projects_two_rows(short, force_backend):
     assert projected_rows(1) == {(1, 1, d)}
     force_backend("gpu")
     assert projected_rows(1) == {(1, 2, d)} and projected_rows(2) == {(2, 1, d)}
-    got = run()
-    err, scale = float(np.abs(got - want).max()), float(np.abs(want).max())
-    print(f"batch-1 decode, GPUs' forms (two projected rows) vs CPU's: max |Δ| {err:.2e}, max |logit| {scale:.2f}")
-    assert err <= 1e-5 * scale
+    got = {"one device": run()}
+    with jax.set_mesh(mesh):
+        got["expert=4,tensor=2"] = run(split_model(placed_model(cfg, params, False, mesh)))
+    for where, logits in got.items():
+        err, scale = float(np.abs(logits - want).max()), float(np.abs(want).max())
+        print(f"batch-1 decode, GPUs' forms (two projected rows), {where}, vs CPU's one device: max |Δ| {err:.2e}, "
+              f"max |logit| {scale:.2f}")
+        assert err <= 1e-5 * scale
 
 
 def moe_weights(params, p: str = "layers.1.moe."):
