@@ -78,13 +78,12 @@ class Caches:
     @classmethod
     def of(cls, layers: Sequence[LayerCache]) -> Caches:
         """The layers' caches, each slot count's positions taken from its first layer (the others hold the same)."""
-        slots, group = [], []
+        first: dict[int, jax.Array] = {}  # slot count -> its positions
         for c in layers:
-            if c.pos.shape[1] not in slots:
-                slots.append(c.pos.shape[1])
-            group.append(slots.index(c.pos.shape[1]))
-        pos = [next(c.pos for c in layers if c.pos.shape[1] == s) for s in slots]
-        return cls([c.k for c in layers], [c.v for c in layers], pos, tuple(group))
+            first.setdefault(c.pos.shape[1], c.pos)
+        slots = list(first)
+        return cls([c.k for c in layers], [c.v for c in layers], list(first.values()),
+                   tuple(slots.index(c.pos.shape[1]) for c in layers))
 
     def __len__(self) -> int:
         return len(self.k)

@@ -185,15 +185,16 @@ def project(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def gemm_rows(x: jax.Array) -> jax.Array:
-    """x [B, T, D] as the attention projections take it: on a GPU, a single row (B = T = 1) gets a zero row after it.
+    """x [B, T, D] as the attention projections take it: on a GPU, a single row (B = T = 1) gets a zero row after it
+    (unless `project`'s opt-in row kernel takes it). The caller drops the extra row.
 
     XLA:GPU turns a one-row product with a small weight (k's and v's [2880, 512]) into a multiply that writes the
     float32 products out and column reductions that read them back: 2 x 5.9 MB a layer, ~0.6 GB a 20b decode step.
     At two rows each stays a GEMM, and XLA merges q, k and v (one operand, three weights) into one GEMM that reads
-    the three weights inside the kernel: 8 launches a layer become 5 (`benchmarks/gpu_launches.py` counts them).
-    (The router's [2880, 32] at two rows gained one launch for 20b but, split 32 ways with its weight padded, lost
-    three for 120b's [2880, 128]: it stays one row.) The caller drops the extra row."""
-    if packed.backend() != "gpu" or x.shape[0] * x.shape[1] != 1:
+    the three weights inside the kernel: 3 launches fewer a layer (`benchmarks/gpu_launches.py`: 20b 702 -> 630 a
+    step). (The router at two rows: for 120b's [2880, 128] a GEMM split 32 ways with its weight padded, 3 launches
+    more; it has its own form, `moe.router_logits`.)"""
+    if packed.backend() != "gpu" or x.shape[0] * x.shape[1] != 1 or ROW_KERNEL_ROWS >= 1:
         return x
     return jnp.pad(x, ((0, 0), (0, 1), (0, 0)))
 
@@ -224,7 +225,7 @@ class Attention(nnx.Module):
         cfg, dt = self.cfg, self.dtype
         x = x.astype(dt)
         b, t = x.shape[:2]
-        rows = gemm_rows(x) if ROW_KERNEL_ROWS < 1 else x
+        rows = gemm_rows(x)
         q = project("BTD,DNH->BTNH", rows, self.q_kernel[...].astype(dt))[:, :t]
         k = project("BTD,DKH->BTKH", rows, self.k_kernel[...].astype(dt))[:, :t]
         v = project("BTD,DKH->BTKH", rows, self.v_kernel[...].astype(dt))[:, :t]
