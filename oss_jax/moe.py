@@ -33,7 +33,7 @@ def router_logits(x: jax.Array, router_w: jax.Array, router_b: jax.Array, k: int
     120b, benchmarks/gpu_launches.py); at one row, a reduction and the bias (for 120b's [2880, 128], the float32
     products written out first): one launch more than this."""
     w = router_w.astype(dtype)
-    if packed.backend() != "gpu" or not unsorted(x.shape[0] * k, w.shape[1]):  # not decode on a GPU
+    if packed.backend() != "gpu" or x.shape[0] * k > w.shape[1]:
         return jnp.einsum("XD,DE->XE", x, w, preferred_element_type=jnp.float32) + router_b
     products = x.astype(jnp.float32)[:, :, None] * w.astype(jnp.float32)  # exact: products of two `dtype` values
     bias = jnp.broadcast_to(router_b.astype(jnp.float32), (x.shape[0], 1, w.shape[1]))
