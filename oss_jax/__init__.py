@@ -26,8 +26,8 @@ def _jaxlib_version() -> str:
         return ""
 
 
-if "xla_cpu_experimental_ynn_fusion_type" not in os.environ.get("XLA_FLAGS", "") and \
-        _jaxlib_version().startswith("0.10."):
+YNN_FLAG_KNOWN = _jaxlib_version().startswith("0.10.")  # the jaxlib these YNNPACK settings were measured with
+if "xla_cpu_experimental_ynn_fusion_type" not in os.environ.get("XLA_FLAGS", "") and YNN_FLAG_KNOWN:
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_YNN_OFF}".strip()
 
 __version__ = "0.1.0"

@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from oss_jax.cache import Caches, init_cache
-from oss_jax.model import GptOss, model_mesh
+from oss_jax.model import APART_UNEMBED_OPTIONS, GptOss, model_mesh, unembed_apart
 
 STOP_TOKENS = (200002, 200012)  # <|return|>, <|call|>
 
@@ -130,7 +130,10 @@ def split_model(model: GptOss | SplitModel) -> SplitModel:
 def prefill_step(model: GptOss | SplitModel, tokens: jax.Array, positions: jax.Array, caches: Caches
                  ) -> tuple[jax.Array, Caches]:
     """One prompt chunk: tokens/positions [B, C] (-1 = padding) -> logits at each row's last position [B, V]."""
-    return _prefill(*split_model(model), tokens, positions, caches)
+    graph, leaves = split_model(model)
+    apart = _unembed_apart(tokens)
+    out, caches = _prefill(graph, leaves, tokens, positions, caches, unembed=not apart)
+    return (_unembed(graph, leaves, out) if apart else out), caches
 
 
 def decode_step(model: GptOss | SplitModel, tokens: jax.Array, positions: jax.Array, caches: Caches
@@ -138,24 +141,39 @@ def decode_step(model: GptOss | SplitModel, tokens: jax.Array, positions: jax.Ar
     """One new token per row: tokens/positions [B] -> logits [B, V]; the cache is donated and updated in place.
 
     Pass a `split_model(model)` when calling in a loop."""
-    return _decode(*split_model(model), tokens, positions, caches)
+    graph, leaves = split_model(model)
+    apart = _unembed_apart(tokens)
+    out, caches = _decode(graph, leaves, tokens, positions, caches, unembed=not apart)
+    return (_unembed(graph, leaves, out) if apart else out), caches
 
 
-# Pure jitted steps over a SplitModel's parts: they return only logits and caches. (An nnx.jit'ed method also hands
-# the module state back out, i.e. copies every parameter on each call.)
-@functools.partial(jax.jit, static_argnums=0)
-def _prefill(graph, leaves, tokens, positions, caches):
+def _unembed_apart(tokens: jax.Array) -> bool:
+    # compiler options are for top-level jits only: a step traced inside another jit stays one computation
+    return unembed_apart(tokens.shape[0]) and not isinstance(tokens, jax.core.Tracer)
+
+
+# Pure jitted steps over a SplitModel's parts: they return only logits (or, unembed=False, the final-normed hidden
+# rows [B, D]) and caches. (An nnx.jit'ed method also hands the module state back out, i.e. copies every parameter on
+# each call.)
+@functools.partial(jax.jit, static_argnums=0, static_argnames="unembed")
+def _prefill(graph, leaves, tokens, positions, caches, unembed=True):
     model = graph.merge(leaves)
     hidden, caches = model.hidden(tokens, positions, caches)
     last = jnp.argmax(positions, axis=1)
-    return model.unembed_logits(hidden[jnp.arange(hidden.shape[0]), last]), caches
+    rows = hidden[jnp.arange(hidden.shape[0]), last]
+    return (model.unembed_logits(rows) if unembed else rows), caches
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=4)
-def _decode(graph, leaves, tokens, positions, caches):
+@functools.partial(jax.jit, static_argnums=0, static_argnames="unembed", donate_argnums=4)
+def _decode(graph, leaves, tokens, positions, caches, unembed=True):
     model = graph.merge(leaves)
     hidden, caches = model.hidden(tokens[:, None], positions[:, None], caches)
-    return model.unembed_logits(hidden[:, 0]), caches
+    return (model.unembed_logits(hidden[:, 0]) if unembed else hidden[:, 0]), caches
+
+
+@functools.partial(jax.jit, static_argnums=0, compiler_options=APART_UNEMBED_OPTIONS)
+def _unembed(graph, leaves, rows):
+    return graph.merge(leaves).unembed_logits(rows)
 
 
 def bucket(n: int, minimum: int = 16) -> int:

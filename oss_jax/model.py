@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from oss_jax import packed
+from oss_jax import YNN_FLAG_KNOWN, packed
 from oss_jax.cache import Caches, LayerCache
 from oss_jax.config import ModelConfig
 from oss_jax.layers import Attention, RMSNorm
@@ -117,16 +117,32 @@ class GptOss(nnx.Module):
 def rows_dot_transposed(x: jax.Array, w: jax.Array) -> jax.Array:
     """x [X, D] . w [V, D] -> [X, V] float32.
 
-    On CPU, XLA's GEMM with w contracted on its minor dimension runs 10-50x slower for 2-7 rows than for 1 or 8 (the
-    gpt-oss unembedding: 93 ms for one row, 4.4-7.1 s for 2-7, 380 ms for 8): up to 4 rows take one matrix-vector
-    product each, 5-7 rows are padded to 8.
+    On CPU, for 2-32 rows, w is the dot's left operand ([V, X], then transposed; more than 4 rows padded to a multiple
+    of 8): XLA's GEMMs read w faster that way. The gpt-oss unembedding (2.3 GB), best of 5: XLA's own GEMM 236 ms
+    against 267 for 8 rows, 273 against 3,120 for 4; YNNPACK's GEMM (`unembed_apart`) 80-92 ms for 2-8 rows, near
+    a one-row product's 78-93, against 112-137 with w on the right. The barrier keeps XLA's layout assignment from
+    folding the transpose back into the dot, which gives the slow form again.
     """
     rows = x.shape[0]
-    if not 2 <= rows < 8 or not packed.on_cpu():
+    if not 2 <= rows <= 32 or not packed.on_cpu():
         return jnp.einsum("XD,VD->XV", x, w, preferred_element_type=jnp.float32)
-    if rows <= 4:
-        return jnp.stack([jnp.einsum("D,VD->V", row, w, preferred_element_type=jnp.float32) for row in x])
-    return rows_dot_transposed(jnp.pad(x, ((0, 8 - rows), (0, 0))), w)[:rows]
+    padded = x if rows <= 4 else jnp.pad(x, ((0, -rows % 8), (0, 0)))
+    logits = jax.lax.optimization_barrier(jnp.einsum("VD,XD->VX", w, padded, preferred_element_type=jnp.float32))
+    return logits.T[:rows]
+
+
+# XLA:CPU options for generation's unembedding compiled on its own (`unembed_apart`): YNNPACK's GEMM, which the
+# package switches off everywhere else (see oss_jax/__init__.py); None on a jaxlib these were not measured with.
+APART_UNEMBED_OPTIONS = ({"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+                         if YNN_FLAG_KNOWN else None)
+
+
+def unembed_apart(rows: int) -> bool:
+    """Whether generation's steps unembed `rows` rows in a compile of their own with `APART_UNEMBED_OPTIONS`: on
+    CPU, 2-32 rows. YNNPACK's GEMM reads the gpt-oss unembedding 2.5x faster there than XLA's own (8 rows: 92 against
+    236 ms), at ~5x its rounding error (max |err| 2.1e-5 against 3.8e-6 from float64 for logits up to 14.6). One row
+    stays in the step: XLA's matrix-vector product already reads at the streaming bandwidth."""
+    return APART_UNEMBED_OPTIONS is not None and 2 <= rows <= 32 and packed.on_cpu()
 
 
 def abstract_model(cfg: ModelConfig, dtype: jnp.dtype = jnp.float32, packed_experts: bool = False) -> GptOss:

@@ -466,21 +466,51 @@ def test_attend_in_blocks_equals_numpy(window, cached):
 
 
 @pytest.mark.parametrize("accelerator_form", [False, True])
-def test_rows_dot_transposed_any_row_count(monkeypatch, accelerator_form):
-    """x [X, D] . w [V, D] for 1-9 rows (CPU: one product per row up to 4, padded to 8 up to 7) == float64 numpy."""
-    from oss_jax import packed
+def test_rows_dot_transposed_any_row_count(force_backend, accelerator_form):
+    """x [X, D] . w [V, D] for 1-9 and 31-33 rows (CPU: w as the left operand, rows padded to a multiple of 8, for
+    2-32 rows) == float64 numpy."""
     from oss_jax.model import rows_dot_transposed
 
-    if accelerator_form:
-        monkeypatch.setattr(packed, "on_cpu", lambda: False)
+    force_backend("gpu" if accelerator_form else "cpu")
     rng = np.random.default_rng(0)
     w = rng.standard_normal((1000, 96)).astype(np.float32)
-    for rows in range(1, 10):
+    for rows in [*range(1, 10), 31, 32, 33]:
         x = rng.standard_normal((rows, 96)).astype(np.float32)
         got = np.asarray(jax.jit(rows_dot_transposed)(x, w))
         err = float(np.max(np.abs(got - x.astype(np.float64) @ w.T.astype(np.float64))))
         print(f"rows {rows}: max |err| {err:.1e}")
         assert got.shape == (rows, 1000) and err < 1e-4
+        # the fast CPU form: w the dot's left operand, the [V, X] product kept from being laid out as [X, V]
+        jaxpr = jax.make_jaxpr(rows_dot_transposed)(x, w)
+        dot = next(e for e in jaxpr.eqns if e.primitive.name == "dot_general")
+        cpu_form = not accelerator_form and 2 <= rows <= 32
+        assert ("optimization_barrier" in primitives(jaxpr)) == cpu_form
+        assert dot.invars[0].aval.shape == ((1000, 96) if cpu_form else (rows, 96))
+
+
+def test_apart_unembedding_at_gpt_oss_width_within_float32_rounding(force_backend):
+    """Generation's CPU unembedding of 2-32 rows compiled on its own (YNNPACK's GEMM, `unembed_apart`) and inside the
+    step (XLA's own GEMM), at gpt-oss width (D 2880, 8,192 of the vocabulary, the checkpoint's weight scale) == float64
+    within 4e-6 of the largest logit; the compile of its own holds a YNNPACK fusion, the step's does not."""
+    from oss_jax.model import APART_UNEMBED_OPTIONS, rows_dot_transposed, unembed_apart
+
+    if APART_UNEMBED_OPTIONS is None:
+        pytest.skip("YNNPACK's options are set only for the jaxlib they were measured with (0.10)")
+    force_backend("cpu")
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((8192, 2880)) * 0.056).astype(np.float32)
+    assert not unembed_apart(1) and not unembed_apart(33)
+    for rows in (2, 5, 8, 32):
+        assert unembed_apart(rows)
+        x = rng.standard_normal((rows, 2880)).astype(np.float32)
+        want = x.astype(np.float64) @ w.T.astype(np.float64)
+        scale = float(np.max(np.abs(want)))
+        for name, options in (("apart (YNNPACK)", APART_UNEMBED_OPTIONS), ("in the step", None)):
+            compiled = jax.jit(rows_dot_transposed, compiler_options=options).lower(x, w).compile()
+            assert ("__ynn_fusion" in compiled.as_text()) == (options is not None)
+            err = float(np.max(np.abs(np.asarray(compiled(x, w)) - want)))
+            print(f"rows {rows}, {name}: max |err| {err:.1e} ({err / scale:.1e} of the largest logit {scale:.1f})")
+            assert err <= 4e-6 * scale
 
 
 def test_attend_with_mask_matches_reference_sdpa(tiny_config):
