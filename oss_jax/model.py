@@ -118,10 +118,11 @@ def rows_dot_transposed(x: jax.Array, w: jax.Array) -> jax.Array:
     """x [X, D] . w [V, D] -> [X, V] float32.
 
     On CPU, for 2-32 rows, w is the dot's left operand ([V, X], then transposed; more than 4 rows padded to a multiple
-    of 8): XLA's GEMMs read w faster that way. The gpt-oss unembedding (2.3 GB), best of 5: XLA's own GEMM 236 ms
-    against 267 for 8 rows, 273 against 3,120 for 4; YNNPACK's GEMM (`unembed_apart`) 80-92 ms for 2-8 rows, near
-    a one-row product's 78-93, against 112-137 with w on the right. The barrier keeps XLA's layout assignment from
-    folding the transpose back into the dot, which gives the slow form again.
+    of 8): the GEMMs read w faster that way. The gpt-oss unembedding (2.3 GB), best of 5: YNNPACK's GEMM (generation's
+    steps, `unembed_apart`) 80-92 ms for 2-8 rows, near a one-row product's 78-93, against 112-137 with w on the
+    right. XLA's own GEMM (a step traced inside another jit): 236 ms against 267 for 8 rows, 273 against 3,120 for 4
+    (343 as one matrix-vector product per row), but ~280 against ~175 per row for 2. The barrier keeps XLA's layout
+    assignment from folding the transpose back into the dot, which gives the slow form again.
     """
     rows = x.shape[0]
     if not 2 <= rows <= 32 or not packed.on_cpu():
