@@ -130,10 +130,7 @@ def split_model(model: GptOss | SplitModel) -> SplitModel:
 def prefill_step(model: GptOss | SplitModel, tokens: jax.Array, positions: jax.Array, caches: Caches
                  ) -> tuple[jax.Array, Caches]:
     """One prompt chunk: tokens/positions [B, C] (-1 = padding) -> logits at each row's last position [B, V]."""
-    graph, leaves = split_model(model)
-    apart = _unembed_apart(tokens)
-    out, caches = _prefill(graph, leaves, tokens, positions, caches, unembed=not apart)
-    return (_unembed(graph, leaves, out) if apart else out), caches
+    return _logits(_prefill, model, tokens, positions, caches)
 
 
 def decode_step(model: GptOss | SplitModel, tokens: jax.Array, positions: jax.Array, caches: Caches
@@ -141,15 +138,17 @@ def decode_step(model: GptOss | SplitModel, tokens: jax.Array, positions: jax.Ar
     """One new token per row: tokens/positions [B] -> logits [B, V]; the cache is donated and updated in place.
 
     Pass a `split_model(model)` when calling in a loop."""
+    return _logits(_decode, model, tokens, positions, caches)
+
+
+def _logits(step, model: GptOss | SplitModel, tokens: jax.Array, positions: jax.Array, caches: Caches
+            ) -> tuple[jax.Array, Caches]:
+    """`step`'s logits, unembedded in the step or, where `unembed_apart`, by `_unembed` after it."""
     graph, leaves = split_model(model)
-    apart = _unembed_apart(tokens)
-    out, caches = _decode(graph, leaves, tokens, positions, caches, unembed=not apart)
-    return (_unembed(graph, leaves, out) if apart else out), caches
-
-
-def _unembed_apart(tokens: jax.Array) -> bool:
     # compiler options are for top-level jits only: a step traced inside another jit stays one computation
-    return unembed_apart(tokens.shape[0]) and not isinstance(tokens, jax.core.Tracer)
+    apart = unembed_apart(tokens.shape[0]) and not isinstance(tokens, jax.core.Tracer)
+    out, caches = step(graph, leaves, tokens, positions, caches, unembed=not apart)
+    return (_unembed(graph, leaves, out) if apart else out), caches
 
 
 # Pure jitted steps over a SplitModel's parts: they return only logits (or, unembed=False, the final-normed hidden
