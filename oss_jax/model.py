@@ -125,11 +125,16 @@ def rows_dot_transposed(x: jax.Array, w: jax.Array) -> jax.Array:
     assignment from folding the transpose back into the dot, which gives the slow form again.
     """
     rows = x.shape[0]
-    if not 2 <= rows <= 32 or not packed.on_cpu():
+    if not _cpu_left_operand(rows):
         return jnp.einsum("XD,VD->XV", x, w, preferred_element_type=jnp.float32)
     padded = x if rows <= 4 else jnp.pad(x, ((0, -rows % 8), (0, 0)))
     logits = jax.lax.optimization_barrier(jnp.einsum("VD,XD->VX", w, padded, preferred_element_type=jnp.float32))
     return logits.T[:rows]
+
+
+def _cpu_left_operand(rows: int) -> bool:
+    """Whether `rows_dot_transposed` takes w as the dot's left operand: on CPU, 2-32 rows."""
+    return 2 <= rows <= 32 and packed.on_cpu()
 
 
 # XLA:CPU options for generation's unembedding compiled on its own (`unembed_apart`): YNNPACK's GEMM, which the
@@ -143,7 +148,7 @@ def unembed_apart(rows: int) -> bool:
     CPU, 2-32 rows. YNNPACK's GEMM reads the gpt-oss unembedding 2.5x faster there than XLA's own (8 rows: 92 against
     236 ms), at ~5x its rounding error (max |err| 2.1e-5 against 3.8e-6 from float64 for logits up to 14.6). One row
     stays in the step: XLA's matrix-vector product already reads at the streaming bandwidth."""
-    return APART_UNEMBED_OPTIONS is not None and 2 <= rows <= 32 and packed.on_cpu()
+    return APART_UNEMBED_OPTIONS is not None and _cpu_left_operand(rows)
 
 
 def abstract_model(cfg: ModelConfig, dtype: jnp.dtype = jnp.float32, packed_experts: bool = False) -> GptOss:
