@@ -7,12 +7,19 @@ needs no bookkeeping beyond `slot = position % slots`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from oss_jax.config import ModelConfig
+from oss_jax.sharding import constrain
+
+# logical axes of the cache's arrays (mesh axes through `sharding.RULES`): rows on the batch axes, kv heads on
+# `tensor` as the k and v projections' outputs are; a dimension a mesh axis does not divide stays whole there
+KV_AXES = ("batch", "kv_heads", None, None)  # k, v [B, K, S, H]
+POS_AXES = ("batch", None)  # pos [B, S]
 
 
 @jax.tree_util.register_dataclass
@@ -104,7 +111,20 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: jnp.dtype = jn
         shape = (batch, cfg.num_key_value_heads, slots, cfg.head_dim)
         caches.append(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
                                  jnp.full((batch, slots), -1, jnp.int32)))
-    return Caches.of(caches)
+    return placed(Caches.of(caches))
+
+
+def placed(caches: Caches) -> Caches:
+    """The caches on their shardings over the mesh in context (`jax.set_mesh`), in a jitted step or outside one;
+    unchanged without a mesh. Every step returns them so, so each step compiles once: with the placement left to
+    XLA, the prefill's caches came out sharded unlike a decode step's, and the second decode step compiled again."""
+    return with_axes(caches, constrain)
+
+
+def with_axes(caches: Caches, fn: Callable[[Any, tuple[str | None, ...]], Any]) -> Caches:
+    """fn(array, its logical axes: KV_AXES or POS_AXES) applied to every array of the caches."""
+    return dataclasses.replace(caches, k=[fn(a, KV_AXES) for a in caches.k], v=[fn(a, KV_AXES) for a in caches.v],
+                               pos=[fn(a, POS_AXES) for a in caches.pos])
 
 
 def cache_bytes(caches: Caches) -> int:
@@ -114,6 +134,6 @@ def cache_bytes(caches: Caches) -> int:
 def grow(cfg: ModelConfig, caches: Caches, max_len: int) -> Caches:
     """The same keys and values in caches of `max_len` slots (layers whose slot count does not change are kept)."""
     bigger = init_cache(cfg, caches[0].pos.shape[0], max_len, caches[0].k.dtype)
-    return Caches.of([old if new.pos.shape == old.pos.shape else new.write(old.k.transpose(0, 2, 1, 3),
+    return placed(Caches.of([old if new.pos.shape == old.pos.shape else new.write(old.k.transpose(0, 2, 1, 3),
                                                                             old.v.transpose(0, 2, 1, 3), old.pos)
-                      for old, new in zip(caches, bigger, strict=True)])
+                      for old, new in zip(caches, bigger, strict=True)]))

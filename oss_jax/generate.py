@@ -16,8 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from oss_jax.cache import Caches, init_cache
+from oss_jax.cache import Caches, init_cache, placed
 from oss_jax.model import APART_UNEMBED_OPTIONS, GptOss, model_mesh, unembed_apart
+from oss_jax.sharding import constrain
 
 STOP_TOKENS = (200002, 200012)  # <|return|>, <|call|>
 
@@ -159,20 +160,25 @@ def _prefill(graph, leaves, tokens, positions, caches, unembed=True):
     model = graph.merge(leaves)
     hidden, caches = model.hidden(tokens, positions, caches)
     last = jnp.argmax(positions, axis=1)
-    rows = hidden[jnp.arange(hidden.shape[0]), last]
-    return (model.unembed_logits(rows) if unembed else rows), caches
+    return _out(model, hidden[jnp.arange(hidden.shape[0]), last], unembed), placed(caches)
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames="unembed", donate_argnums=4)
 def _decode(graph, leaves, tokens, positions, caches, unembed=True):
     model = graph.merge(leaves)
     hidden, caches = model.hidden(tokens[:, None], positions[:, None], caches)
-    return (model.unembed_logits(hidden[:, 0]) if unembed else hidden[:, 0]), caches
+    return _out(model, hidden[:, 0], unembed), placed(caches)
 
 
 @functools.partial(jax.jit, static_argnums=0, compiler_options=APART_UNEMBED_OPTIONS)
 def _unembed(graph, leaves, rows):
-    return graph.merge(leaves).unembed_logits(rows)
+    return _out(graph.merge(leaves), rows, True)
+
+
+def _out(model: GptOss, rows: jax.Array, unembed: bool) -> jax.Array:
+    """rows [B, D] -> logits [B, V] (unembed=False: the rows), on the sharding every step gives them (left to XLA,
+    the prefill's logits and a decode step's differed, so `sample` and the decode step after it compiled twice)."""
+    return constrain(model.unembed_logits(rows), ("batch", "vocab")) if unembed else constrain(rows, ("batch", None))
 
 
 def bucket(n: int, minimum: int = 16) -> int:

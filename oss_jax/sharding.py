@@ -8,12 +8,13 @@ from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 # logical axis -> mesh axes it may be split over (in order). Unlisted logical axes are replicated.
 RULES: dict[str, tuple[str, ...]] = {
+    "batch": ("data", "fsdp"),
     "expert": ("expert",),
     "embed": ("fsdp",),
     "vocab": ("tensor",),
@@ -64,13 +65,16 @@ def parse_mesh(spec: str) -> dict[str, int]:
     return out
 
 
-def partition_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, name: str = "",
-                   rules: Mapping[str, tuple[str, ...]] = RULES) -> PartitionSpec:
-    """The PartitionSpec of one array with these logical axes; refuses a mesh axis that does not divide."""
+def partition_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh | AbstractMesh, name: str = "",
+                   rules: Mapping[str, tuple[str, ...]] = RULES, fit: bool = False) -> PartitionSpec:
+    """The PartitionSpec of one array with these logical axes; refuses a mesh axis that does not divide, or with
+    `fit`, splits that dimension over the longest leading run of its mesh axes that divides it (maybe none)."""
     used: set[str] = set()
     spec = []
     for axis, dim in zip(axes, shape, strict=True):
         mesh_axes = tuple(m for m in rules.get(axis or "", ()) if mesh.shape.get(m, 1) > 1 and m not in used)
+        while fit and mesh_axes and dim % math.prod(mesh.shape[m] for m in mesh_axes):
+            mesh_axes = mesh_axes[:-1]
         size = math.prod(mesh.shape[m] for m in mesh_axes)
         if mesh_axes and dim % size:
             raise MeshError(f"{name}: dimension '{axis}' of size {dim} cannot be split {size} ways over mesh axes "
@@ -78,6 +82,15 @@ def partition_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
         used.update(mesh_axes)
         spec.append(mesh_axes[0] if len(mesh_axes) == 1 else (mesh_axes or None))
     return PartitionSpec(*spec)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """x on the sharding its logical axes give over the mesh in context (`jax.set_mesh`; a mesh axis that does not
+    divide its dimension left out), in a jitted function or outside one; x itself without a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, partition_spec(axes, x.shape, mesh, fit=True))
 
 
 def named_sharding(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, name: str = "") -> NamedSharding:

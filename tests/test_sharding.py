@@ -11,7 +11,7 @@ from convert import layouts
 from convert.synthetic import random_hf_tensors
 from oss_jax.model import forward, model_from_params
 from oss_jax.moe import moe_expert_parallel, moe_local
-from oss_jax.sharding import MeshError, make_mesh, parse_mesh, shard_model
+from oss_jax.sharding import MeshError, make_mesh, parse_mesh, partition_spec, shard_model
 
 MESHES = [{"expert": 8}, {"data": 2, "expert": 4}, {"data": 2, "expert": 2, "tensor": 2}, {"fsdp": 8}]
 
@@ -131,6 +131,20 @@ def test_meshes_that_cannot_hold_the_model_fail_before_compiling(cfg, params):
         make_mesh({"experts": 2})
     with pytest.raises(MeshError, match="needs 16 devices, 8 available"):
         make_mesh({"expert": 16})
+
+
+def test_fitted_specs_keep_what_a_mesh_axis_cannot_divide_whole():
+    """Activations (the KV cache, a step's logits) take `fit`: a batch the batch axes do not divide is split over the
+    leading ones that do, or not at all, where a parameter's axis that does not divide is refused."""
+    P = jax.sharding.PartitionSpec
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    kv = ("batch", "kv_heads", None, None)
+    assert partition_spec(kv, (4, 8, 16, 64), mesh, fit=True) == P(("data", "fsdp"), "tensor", None, None)
+    assert partition_spec(kv, (2, 8, 16, 64), mesh, fit=True) == P("data", "tensor", None, None)
+    assert partition_spec(kv, (3, 1, 16, 64), mesh, fit=True) == P(None, None, None, None)
+    assert partition_spec(("batch", "vocab"), (2, 10), mesh, fit=True) == P("data", "tensor")
+    with pytest.raises(MeshError, match="'batch' of size 2 cannot be split 4 ways"):
+        partition_spec(kv, (2, 8, 16, 64), mesh, "cache")
 
 
 def test_mesh_presets_and_inline_specs():
