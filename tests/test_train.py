@@ -5,6 +5,7 @@ sharded step's loss and updated parameters equal the single-device step's within
 """
 
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -151,7 +152,9 @@ def test_bf16_compute_keeps_float32_master_weights(dense_hf):
     tc = train.TrainConfig(compute_dtype="bfloat16", learning_rate=1e-3, warmup_steps=0, aux_loss_coef=0.9)
     loss16, grads16 = train.loss_and_grads(model, batch, tc)
     trainer = train.Trainer(model, tc)
-    state, _ = trainer.step(trainer.init_state(model), batch)
+    # the step's output types, traced but not compiled (the dtypes a run returns)
+    step = functools.partial(train._train_step, trainer.graphdef, trainer.tx, tc)
+    state, _ = jax.eval_shape(step, trainer.init_state(model), batch)
     g32, g16 = (jnp.concatenate([g[n].ravel() for n in sorted(g)]) for g in (grads32, grads16))
     cos = float(jnp.vdot(g32, g16) / (jnp.linalg.norm(g32) * jnp.linalg.norm(g16)))
     print(f"bf16 compute: loss {float(loss16):.4f} vs float32 {float(loss32):.4f}; gradient cosine {cos:.4f}")
