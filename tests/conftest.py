@@ -11,6 +11,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "OSS_JAX_CACHE" not in os.environ:
     os.environ["OSS_JAX_CACHE"] = tempfile.mkdtemp(prefix="oss-jax-test-cache-")
     atexit.register(shutil.rmtree, os.environ["OSS_JAX_CACHE"], True)
+# one JAX compilation cache for the whole run, this process's and the CLI subprocesses' (the same steps of the same
+# tiny checkpoints compile in several of them)
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="oss-jax-test-jit-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
 
 import jax  # noqa: E402,F401  (imported after XLA_FLAGS on purpose)
 import pytest  # noqa: E402
