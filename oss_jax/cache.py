@@ -134,6 +134,7 @@ def cache_bytes(caches: Caches) -> int:
 def grow(cfg: ModelConfig, caches: Caches, max_len: int) -> Caches:
     """The same keys and values in caches of `max_len` slots (layers whose slot count does not change are kept)."""
     bigger = init_cache(cfg, caches[0].pos.shape[0], max_len, caches[0].k.dtype)
-    return placed(Caches.of([old if new.pos.shape == old.pos.shape else new.write(old.k.transpose(0, 2, 1, 3),
-                                                                            old.v.transpose(0, 2, 1, 3), old.pos)
-                      for old, new in zip(caches, bigger, strict=True)]))
+    layers = [old if new.pos.shape == old.pos.shape else
+              new.write(old.k.transpose(0, 2, 1, 3), old.v.transpose(0, 2, 1, 3), old.pos)
+              for old, new in zip(caches, bigger, strict=True)]
+    return placed(Caches.of(layers))
