@@ -37,7 +37,7 @@ from oss_jax.model import GptOss, abstract_model, forward
 from oss_jax.packed import named_sharding as packed_sharding
 from oss_jax.packed import packed_leaves
 from oss_jax.params import flat_params
-from oss_jax.sharding import RULES, MeshError, named_sharding, partition_spec
+from oss_jax.sharding import RULES, MeshError, named_sharding
 
 BATCH_AXES = RULES["batch"]  # mesh axes the batch is split over
 DTYPES = {"bf16": jnp.bfloat16, "fp32": jnp.float32}
@@ -164,7 +164,7 @@ def decode_step(model: GptOss, mesh: Mesh, batch: int, seq_len: int) -> Step:
 
     caches = jax.eval_shape(lambda: init_cache(model.cfg, batch, seq_len, model.dtype))
     caches = with_axes(caches, lambda a, axes: jax.ShapeDtypeStruct(  # placed as generation places them
-        a.shape, a.dtype, sharding=NamedSharding(mesh, partition_spec(axes, a.shape, mesh, fit=True))))
+        a.shape, a.dtype, sharding=named_sharding(axes, a.shape, mesh, fit=True)))
     row = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=batch_sharding(mesh, (batch,)))
     return Step(decode, (state, row, row, caches), params=jax.tree.leaves(state),
                 inputs=[row, row, *jax.tree.leaves(caches)], optimizer=[], donate=(3,))

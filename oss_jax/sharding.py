@@ -93,8 +93,9 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, partition_spec(axes, x.shape, mesh, fit=True))
 
 
-def named_sharding(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, name: str = "") -> NamedSharding:
-    return NamedSharding(mesh, partition_spec(axes, shape, mesh, name))
+def named_sharding(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, name: str = "", fit: bool = False
+                   ) -> NamedSharding:
+    return NamedSharding(mesh, partition_spec(axes, shape, mesh, name, fit=fit))
 
 
 def shard_model(model, mesh: Mesh) -> None:
