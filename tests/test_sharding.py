@@ -136,9 +136,10 @@ def test_meshes_that_cannot_hold_the_model_fail_before_compiling(cfg, params):
 def test_fitted_specs_keep_what_a_mesh_axis_cannot_divide_whole():
     """Activations (the KV cache, a step's logits) take `fit`: a batch the batch axes do not divide is split over the
     leading ones that do, or not at all, where a parameter's axis that does not divide is refused."""
+    from oss_jax.cache import KV_AXES as kv
+
     P = jax.sharding.PartitionSpec
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    kv = ("batch", "kv_heads", None, None)
     assert partition_spec(kv, (4, 8, 16, 64), mesh, fit=True) == P(("data", "fsdp"), "tensor", None, None)
     assert partition_spec(kv, (2, 8, 16, 64), mesh, fit=True) == P("data", "tensor", None, None)
     assert partition_spec(kv, (3, 1, 16, 64), mesh, fit=True) == P(None, None, None, None)
