@@ -178,7 +178,7 @@ def _unembed(graph, leaves, rows):
 def _out(model: GptOss, rows: jax.Array, unembed: bool) -> jax.Array:
     """rows [B, D] -> logits [B, V] (unembed=False: the rows), on the sharding every step gives them (left to XLA,
     the prefill's logits and a decode step's differed, so `sample` and the decode step after it compiled twice)."""
-    return constrain(model.unembed_logits(rows), ("batch", "vocab")) if unembed else constrain(rows, ("batch", None))
+    return constrain(model.unembed_logits(rows), ("rows", "vocab")) if unembed else constrain(rows, ("rows", None))
 
 
 def bucket(n: int, minimum: int = 16) -> int:

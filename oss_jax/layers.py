@@ -16,9 +16,10 @@ import numpy as np
 from flax import nnx
 
 from oss_jax import packed, rowkernel
-from oss_jax.cache import LayerCache
+from oss_jax.cache import NEW_AXES, LayerCache
 from oss_jax.config import ModelConfig
 from oss_jax.params import param
+from oss_jax.sharding import constrain
 
 # ------------------------------------------------------------------ RMSNorm
 
@@ -233,6 +234,9 @@ class Attention(nnx.Module):
         cos, sin = rope_cos_sin(cfg, positions)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q = q.reshape(b, t, cfg.num_key_value_heads, cfg.q_per_kv, cfg.head_dim)
+        if cache is not None:
+            # the new keys and values where the cache keeps them (a mesh may split the MoE's tokens more finely)
+            k, v = constrain(k, NEW_AXES), constrain(v, NEW_AXES)
         keys, values, k_pos = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions  # [B, K, T, H]
         full_cache = cache is not None and self.window is None
         if full_cache or (cache is not None and t == 1):

@@ -15,6 +15,9 @@ MESH_AXES = ("data", "fsdp", "expert", "tensor")
 # logical axis -> mesh axes it may be split over (in order). Unlisted logical axes are replicated.
 RULES: dict[str, tuple[str, ...]] = {
     "batch": ("data", "fsdp"),
+    # generation's rows (KV cache, activations, logits): the batch axes, then `expert`, as the MoE splits tokens, so
+    # a row's attention runs on the devices its MoE tokens and its cache live on
+    "rows": ("data", "fsdp", "expert"),
     "expert": ("expert",),
     "embed": ("fsdp",),
     "vocab": ("tensor",),
@@ -82,6 +85,13 @@ def partition_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh 
         used.update(mesh_axes)
         spec.append(mesh_axes[0] if len(mesh_axes) == 1 else (mesh_axes or None))
     return PartitionSpec(*spec)
+
+
+def split_ways(axis: str, dim: int, mesh: Mesh | AbstractMesh) -> int:
+    """How many ways a dimension of size `dim` with this logical axis is split, where a mesh axis that does not divide
+    it is left out (as `constrain` places it)."""
+    (entry,) = partition_spec((axis,), (dim,), mesh, fit=True)
+    return math.prod(mesh.shape[a] for a in ((entry,) if isinstance(entry, str) else entry or ()))
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:

@@ -1,7 +1,10 @@
 """What a traced step holds: primitive names, through nested jaxprs (loop bodies, jit calls, shard_map), not kernels;
-and whether its Pallas kernels lower to Triton modules that verify."""
+whether its Pallas kernels lower to Triton modules that verify; and the collectives a compiled step runs."""
+
+import re
 
 import jax
+import numpy as np
 from jax.extend.core import ClosedJaxpr, Jaxpr
 
 # loops whose trip count is data, and conditionals: XLA:GPU copies their flag to the host and waits for it every step
@@ -48,3 +51,21 @@ def triton_modules_verified(fn, *args) -> int:
     with mock.patch.object(lowering, "lower_jaxpr_to_triton_module", checked):
         jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
     return len(verified)
+
+
+COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
+_ITEM_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "f64": 8}
+
+
+def collectives(hlo_text: str) -> list[tuple[str, int]]:
+    """(op, bytes of its result on one device) for every collective in a compiled, partitioned HLO module's text
+    (`jax.jit(...).lower(...).compile().as_text()`); a tuple result counts all its parts."""
+    ops = "|".join(COLLECTIVES)
+    out = []
+    for line in hlo_text.splitlines():
+        m = re.search(rf"= (.*?) ({ops})(?:-start)?\(", line)
+        if m:
+            shapes = re.findall(r"([a-z]+[0-9]*)\[([0-9,]*)\]", m.group(1))
+            out.append((m.group(2), sum(_ITEM_BYTES.get(t, 4) * int(np.prod([int(d) for d in dims.split(",") if d]))
+                                        for t, dims in shapes)))
+    return out

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jaxprs import collectives
 from paused_cli import paused_command
 
 from convert.reader import load_params
@@ -231,6 +232,30 @@ def test_sharded_generation_equals_unsharded(ckpt, prompts, greedy, monkeypatch)
     assert first == greedy[1][:4]
     assert chat.generate(prompts[1] + first, max_new_tokens=8, stop_tokens=()) == greedy[1][4:12]
     assert chat.reused == len(prompts[1]) + 3
+
+
+@pytest.mark.parametrize("batch", [2, 8])
+def test_sharded_steps_leave_each_rows_cache_where_it_lives(ckpt, batch):
+    """data=2,expert=4: a row's MoE tokens, its attention and its KV cache share devices, so no collective of a
+    decode step moves half as much as one layer's cache slice on a device (the MoE's all-to-alls carry its tokens,
+    not caches). (Before: at batch 2, XLA moved row 1's whole cache to a device of data 0 and back every step; at
+    batch 8 it all-gathered four rows' caches, and the logits, to every device.)"""
+    cfg, params = load_params(ckpt)
+    model = model_from_params(cfg, params)
+    mesh = make_mesh({"data": 2, "expert": 4})
+    shard_model(model, mesh)
+    graph, leaves = split_model(model)
+    full = next(i for i in range(cfg.num_hidden_layers) if cfg.window(i) is None)
+    with jax.set_mesh(mesh):
+        caches = init_cache(cfg, batch, 512)
+        cache_slice = caches.k[full].addressable_shards[0].data.nbytes
+        tokens = jnp.zeros((batch,), jnp.int32)
+        hlo = _decode.lower(graph, leaves, tokens, tokens + 40, caches).compile().as_text()
+    moved = [(op, b) for op, b in collectives(hlo) if op != "all-to-all"]
+    print(f"batch {batch}: {len(moved)} collectives besides the MoE's all-to-alls, largest "
+          f"{max((b for _, b in moved), default=0)} bytes, {sum(b for _, b in moved)} in all; a layer's cache slice "
+          f"{cache_slice} bytes")
+    assert all(b < cache_slice // 2 for _, b in moved), sorted(moved, key=lambda m: -m[1])[:4]
 
 
 def test_session_reuses_the_cache_and_equals_fresh_generation(model, prompts, monkeypatch):
