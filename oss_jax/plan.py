@@ -294,7 +294,7 @@ def weight_copy_bytes(hlo: str, min_bytes: int = 2**20) -> int:
             if name.startswith("state") or 'op_name="state[' in line:  # (SPMD-partitioned modules rename them)
                 params[name] = elements
             continue
-        size = elements * _HLO_ITEMSIZE.get(dtype, 4)
+        size = elements * HLO_ITEMSIZE.get(dtype, 4)
         reads = [o.strip().lstrip("%") for o in operands.split(",")]
         if op in ("fusion", "convert", "copy", "transpose") and size >= min_bytes and any(
                 params.get(r) == elements for r in reads):
@@ -302,7 +302,7 @@ def weight_copy_bytes(hlo: str, min_bytes: int = 2**20) -> int:
     return total
 
 
-_HLO_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
+HLO_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
                  "f64": 8, "s64": 8, "u64": 8}
 
 

@@ -7,6 +7,8 @@ import jax
 import numpy as np
 from jax.extend.core import ClosedJaxpr, Jaxpr
 
+from oss_jax.plan import HLO_ITEMSIZE
+
 # loops whose trip count is data, and conditionals: XLA:GPU copies their flag to the host and waits for it every step
 HOST_WAITS = frozenset({"while", "cond"})
 
@@ -54,7 +56,6 @@ def triton_modules_verified(fn, *args) -> int:
 
 
 COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
-_ITEM_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "f64": 8}
 
 
 def collectives(hlo_text: str) -> list[tuple[str, int]]:
@@ -66,6 +67,6 @@ def collectives(hlo_text: str) -> list[tuple[str, int]]:
         m = re.search(rf"= (.*?) ({ops})(?:-start)?\(", line)
         if m:
             shapes = re.findall(r"([a-z]+[0-9]*)\[([0-9,]*)\]", m.group(1))
-            out.append((m.group(2), sum(_ITEM_BYTES.get(t, 4) * int(np.prod([int(d) for d in dims.split(",") if d]))
+            out.append((m.group(2), sum(HLO_ITEMSIZE.get(t, 4) * int(np.prod([int(d) for d in dims.split(",") if d]))
                                         for t, dims in shapes)))
     return out
