@@ -46,7 +46,10 @@ class RMSNorm(nnx.Module):
 def yarn_inv_freq(cfg: ModelConfig) -> tuple[np.ndarray, float]:
     """Per-pair inverse frequencies [H/2] (float32) and the YaRN concentration multiplying cos and sin."""
     h, base, factor = cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_factor
-    freq = base ** (np.arange(0, h, 2, dtype=np.float32) / np.float32(h))
+    # the references' float32 pow, correctly rounded: numpy's own float32 pow is not on every CPU (its AVX-512
+    # kernels are off by up to 2 ulp), so the frequencies would depend on the machine
+    exponent = np.arange(0, h, 2, dtype=np.float32) / np.float32(h)
+    freq = (np.float64(np.float32(base)) ** exponent.astype(np.float64)).astype(np.float32)
     if factor <= 1.0:
         return (1.0 / freq).astype(np.float32), 1.0
     d_half = h / 2

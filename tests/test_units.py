@@ -244,8 +244,8 @@ def test_rope_cos_sin_matches_reference(which, tiny_config, cfg_20b):
     expected_cos = np.stack([ref_cos[:t], ref_cos[offset:]])
     expected_sin = np.stack([ref_sin[:t], ref_sin[offset:]])
     err = max(np.abs(np.asarray(cos) - expected_cos).max(), np.abs(np.asarray(sin) - expected_sin).max())
-    # numpy's float32 pow is correctly rounded, torch's is not always: inv_freq may differ by 1 ulp (20b: dims 6
-    # and 10), and that angle error grows with the position; allow exactly that plus float32 rounding
+    # our float32 pow is correctly rounded, torch's is not always: inv_freq may differ by 1 ulp (20b: dims 6 and
+    # 10), and that angle error grows with the position; allow exactly that plus float32 rounding
     ref_inv = _reference_rope(cfg)._compute_concentration_and_inv_freq()[1].numpy()
     inv, conc = yarn_inv_freq(cfg)
     np.testing.assert_array_max_ulp(inv, ref_inv, maxulp=1)
@@ -279,6 +279,9 @@ def test_yarn_spec_facts_20b(cfg_20b):
     plain32, conc1 = yarn_inv_freq(dataclasses.replace(cfg_20b, rope_scaling_factor=1.0))
     assert conc1 == 1.0
     np.testing.assert_allclose(plain32, plain, rtol=1e-6)
+    # the pow is the correctly rounded float32 one on every machine (numpy's float32 pow is off by up to 2 ulp on
+    # AVX-512 CPUs, which moved 7 of the 20b's frequencies there)
+    np.testing.assert_array_equal(plain32, np.float32(1) / (base ** (2 * i / 64)).astype(np.float32))
     np.testing.assert_array_equal(inv[:9], plain32[:9])
     np.testing.assert_array_equal(inv[18:] * np.float32(32), plain32[18:])
     assert np.all(inv[9:18] < plain32[9:18]) and np.all(inv[9:18] > plain32[9:18] / 32)
