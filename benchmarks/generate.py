@@ -30,16 +30,18 @@ unembedding for every token whose logits are computed: all of decode, 1/P of a p
 attention scores 4*N*H*visible keys per layer. Minimum bytes per step: every shared weight once, the distinct routed
 experts once, the embedding rows and visible KV entries. XLA's HloCostAnalysis counts each while-loop body once, and
 the CPU grouped matmul (`oss_jax.moe.tiled_grouped_matmul`) loops over tiles of one expert each (full tiles plus a
-rounded-up remainder per expert) and, inside a tile, over weight chunks: so "CA + loops" takes out what the cost
-analysis counts for the grouped matmuls (each compiled alone at the same shapes) and adds the work of the tiles that
-the actual routing of the benchmark's tokens makes: per tile its rows x the weights, its weights read once, its rows
-read and written.
+rounded-up remainder per expert) and, inside a tile, over weight chunks (with a head, `moe.head_rows`: each expert's
+first A/E rows in one batched product, only the rest in tiles): so "CA + loops" takes out what the cost analysis
+counts for the grouped matmuls (each compiled alone at the same shapes) and adds the work of the products that the
+actual routing of the benchmark's tokens makes: per tile, and for the head, its rows x the weights, its weights read
+once, its rows read and written.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import resource
@@ -197,17 +199,22 @@ class LazyParams(Mapping):
 
 
 def expert_tiles(ids: np.ndarray, num_experts: int) -> tuple[int, int, int]:
-    """The tiles `oss_jax.moe.tiled_grouped_matmul` runs for expert ids [A] (one layer, one step): -> (rows multiplied,
-    padding included; tiles, i.e. expert weight reads; distinct experts routed). Each expert's rows make full tiles
-    of `row_tile` rows and one tile of the smallest of `tile_sizes` that holds the remainder."""
-    from oss_jax.moe import row_tile, tile_sizes
+    """The expert products `oss_jax.moe.grouped_matmul` runs on CPU for expert ids [A] (one layer, one step, all A
+    rows routed, as in `moe_local`): -> (rows multiplied, padding included; expert weight reads; distinct experts
+    routed). With a head (`moe.head_rows`), every expert's first `head` rows are one batched product (E x head rows,
+    each weight read once) and the rest go to tiles; the tiles: each expert's rows make full tiles of `row_tile` rows
+    and one tile of the smallest of `tile_sizes` that holds the remainder."""
+    from oss_jax.moe import head_rows, row_tile, tile_sizes
 
+    head = head_rows(ids.size, num_experts)
     tile = row_tile(ids.size, num_experts)
     sizes = np.bincount(ids.reshape(-1), minlength=num_experts)
-    full, rem = sizes // tile, sizes % tile
+    tail = np.maximum(sizes - head, 0)
+    full, rem = tail // tile, tail % tile
     rounded = np.asarray(tile_sizes(tile))[np.searchsorted(tile_sizes(tile), rem)]
     rows = full * tile + np.where(rem > 0, rounded, 0)
-    return int(rows.sum()), int(np.sum(full + (rem > 0))), int(np.count_nonzero(sizes))
+    reads = (num_experts if head else 0) + int(np.sum(full + (rem > 0)))
+    return int(rows.sum()) + num_experts * head, reads, int(np.count_nonzero(sizes))
 
 
 def worker_ours(args) -> dict:
@@ -245,7 +252,8 @@ def worker_ours(args) -> dict:
         """XLA's cost analysis of one layer's two expert grouped matmuls, compiled alone for `rows` assignments: what
         it counts for them inside a step (each loop body once)."""
         d, f, e = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts
-        both = [cost_of(jax.jit(moe.grouped_matmul).lower(
+        gmm = functools.partial(moe.grouped_matmul, head=moe.head_rows(rows, e))
+        both = [cost_of(jax.jit(gmm).lower(
             jax.ShapeDtypeStruct((rows, k), jnp.float32), jax.ShapeDtypeStruct((e, k, n), jnp.float32),
             jax.ShapeDtypeStruct((e,), jnp.int32)).compile()) for k, n in [(d, 2 * f), (f, d)]]
         return {key: both[0][key] + both[1][key] for key in both[0]}
@@ -469,8 +477,8 @@ def report(cfg: ModelConfig, args, bw: dict, ours: dict, hf: dict[str, dict]) ->
 
     # ----- cost analysis vs minimum
     print()
-    print("per token            XLA CA    CA + loops     minimum   CA/min  (CA+loops)/min   expert tiles per layer "
-          "(routed distinct)")
+    print("per token            XLA CA    CA + loops     minimum   CA/min  (CA+loops)/min   expert weight reads per "
+          "layer (routed distinct)")
     p = args.prefill
     extra_f, extra_b, gemms, distinct = loop_flops_bytes(cfg, np.asarray(ours["prefill_routing"]),
                                                          ours["prefill_gmm_cost"])
@@ -500,7 +508,8 @@ def report(cfg: ModelConfig, args, bw: dict, ours: dict, hf: dict[str, dict]) ->
         summary["ratios"][f"{name} (CA+loops)/min"] = round(vl / vmin, 3)
         print(f"{name:<18}{v:>10.3g}{vl:>14.3g}{vmin:>12.3g}{v / vmin:>9.2f}{vl / vmin:>17.2f}   {g} ({n})")
     print("(XLA counts each while-loop body once; 'CA + loops' replaces what it counts for the grouped matmuls by the "
-          "tiles the actual routing makes, and takes out the embedding table XLA counts whole for a gather of more "
+          "products (head and tiles) the actual routing makes, and takes out the embedding table XLA counts whole "
+          "for a gather of more "
           "than one row. "
           "Cache slots: prefill " + str(ours["prefill_cache_slots"]) + ", decode "
           + str({b: ours[f"decode{b}"]["cache_slots"] for b in args.batches}) + ")")

@@ -96,6 +96,40 @@ def test_forward_and_gradients_match_float64_and_ragged_dot(case, chunked, monke
     assert not got[2][np.asarray(sizes) == 0].any()  # experts without rows: no gradient
 
 
+HEADED = [(c, 16) for c, (sizes, a) in CASES.items() if a > len(sizes) and c != "most-tiles"] + [("remainders", 8)]
+
+
+@pytest.mark.parametrize("case, head", HEADED, ids=[f"{c}-head{h}" for c, h in HEADED])
+def test_headed_form_matches_float64(case, head):
+    """CPU's form for routed rows (`moe.head_rows`): each expert's first `head` rows as one batched product, the rest
+    in tiles; experts under `head` rows pad the head, one expert's 150-160 rows go mostly to the tail."""
+    sizes, a = CASES[case]
+    lhs, rhs, gs, g = inputs(sizes, a)
+    got = value_and_grads(functools.partial(_headed, head), lhs, rhs, gs, g)
+    want = reference(lhs, rhs, sizes, g)
+    errs = [float(np.abs(x - w).max(initial=0.0)) for x, w in zip(got, want, strict=True)]
+    tail = int(np.maximum(np.asarray(sizes) - head, 0).sum())
+    print(f"{case} (A {a}, head {head}, {tail} rows in the tail): max |err| vs float64 y/d_lhs/d_rhs "
+          + " ".join(f"{e:.1e}" for e in errs))
+    for x, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(x, w, rtol=1e-5, atol=1e-5 * (1 + np.abs(w).max(initial=0.0)))
+    assert not got[0][sum(sizes):].any() and not got[1][sum(sizes):].any()  # rows past the groups: exactly 0
+    assert not got[2][np.asarray(sizes) == 0].any()  # experts without rows: no gradient
+
+
+def _headed(head, lhs, rhs, sizes):
+    return moe.grouped_matmul(lhs, rhs, sizes, head=head)
+
+
+def test_head_rows_where_a_batched_product_pays(force_backend):
+    """A/E rounded down to 8 where that is at least HEAD_MIN rows, on CPU only: the 20b slice's 512-token prefill
+    (2048 rows, 32 experts) gets 64; decode-sized and short inputs get none."""
+    assert moe.head_rows(2048, 32) == 64 and moe.head_rows(2047, 32) == 56
+    assert moe.head_rows(384, 12) == 32 and moe.head_rows(383, 12) == 0 and moe.head_rows(32, 32) == 0
+    force_backend("gpu")
+    assert moe.head_rows(2048, 32) == 0
+
+
 @pytest.mark.parametrize("case", [c for c, (sizes, a) in CASES.items() if a > len(sizes)])
 def test_gpu_form_matches_float64(case, force_backend):
     """GPUs' form (more rows than experts; fewer take `gathered_matmul`): one tile size up to 256 rows, whole weights,
