@@ -264,24 +264,18 @@ def _head_and_tail(group_sizes: jax.Array, a: int, head: int):
     sizes [E], tail source rows [A], and for each row: whether it is in the head, its
     place in the flattened head and in the tail, whether it is in a group at all). Sources == A: the zero pad row,
     which fills the head slots of experts with fewer rows."""
-    e = group_sizes.shape[0]
-    ends = jnp.cumsum(group_sizes)
-    starts = ends - group_sizes
+    starts = jnp.cumsum(group_sizes) - group_sizes
     slot = jnp.arange(head)
     head_src = jnp.where(slot < group_sizes[:, None], starts[:, None] + slot, a)
     tail_sizes = jnp.maximum(group_sizes - head, 0)
-    tail_ends = jnp.cumsum(tail_sizes)
-    tail_starts = tail_ends - tail_sizes
+    tail_starts = jnp.cumsum(tail_sizes) - tail_sizes
     rows = jnp.arange(a)
-    te = jnp.sum(rows[:, None] >= tail_ends, axis=1)  # expert of tail row t (E past the tails)
-    tc = jnp.minimum(te, e - 1)
-    tail_src = jnp.where(te < e, starts[tc] + head + rows - tail_starts[tc], a)
-    re = jnp.sum(rows[:, None] >= ends, axis=1)  # expert of row r (E past the groups)
-    rc = jnp.minimum(re, e - 1)
-    pos = rows - starts[rc]
-    in_group = re < e
-    in_head = in_group & (pos < head)
-    places = (in_head, rc * head + jnp.minimum(pos, head - 1), tail_starts[rc] + jnp.maximum(pos - head, 0), in_group)
+    tail_of = rowkernel.row_experts(tail_sizes, a)
+    tail_src = jnp.where(tail_of.valid, starts[tail_of.ids] + head + rows - tail_starts[tail_of.ids], a)
+    row_of = rowkernel.row_experts(group_sizes, a)
+    pos = rows - starts[row_of.ids]
+    places = (row_of.valid & (pos < head), row_of.ids * head + jnp.minimum(pos, head - 1),
+              tail_starts[row_of.ids] + jnp.maximum(pos - head, 0), row_of.valid)
     return head_src, tail_sizes, tail_src, places
 
 
