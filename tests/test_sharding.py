@@ -98,6 +98,26 @@ def test_moe_layer_sharded_equals_local(cfg, moe_reference, shape):
     assert max(err, err_rows) <= 1e-6 * max(scale, 10.0)
 
 
+def test_local_shards_with_a_batched_head_equal_one_device_in_tiles(cfg, params, monkeypatch):
+    """Meshes without an expert axis run `moe_local` per shard, where enough routed rows take the batched head
+    (`moe.head_rows`): on data=4,tensor=2, 4 x 400 tokens, 1,600 rows over 24 experts per shard (head 64), F split
+    over `tensor`; one device runs all 6,400 rows in tiles. Held to the expert-parallel bound above."""
+    from oss_jax import moe
+
+    x, w = _moe_inputs(cfg, params, n=1600)
+    assert moe.head_rows(1600 * cfg.experts_per_token // 4, cfg.num_experts) == 64
+    with monkeypatch.context() as m:
+        m.setattr(moe, "HEAD_MIN", 10**9)  # no head: tiles only
+        want = jax.jit(lambda x, *w: moe_local(x, *w, cfg=cfg, dtype=jnp.float32))(x, *w)
+    mesh = make_mesh({"data": 4, "tensor": 2})
+    with jax.set_mesh(mesh):
+        got = jax.jit(lambda x, *w: moe_expert_parallel(x, *w, cfg=cfg, dtype=jnp.float32, mesh=mesh))(x, *w)
+    err, scale = float(jnp.abs(got - want).max()), float(jnp.abs(want).max())
+    print(f"data=4,tensor=2, head 64 per shard: MoE max |Δ| {err:.2e}, relative to max |y| {scale:.1f}: "
+          f"{err / scale:.1e}")
+    assert err <= 1e-6 * max(scale, 10.0)
+
+
 def test_routing_collapse_is_dropless(cfg, params):
     """Every token picks the same 4 experts (all on one device): nothing is dropped, results stay exact."""
     x, w = _moe_inputs(cfg, params, n=64)
