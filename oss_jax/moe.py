@@ -279,12 +279,11 @@ def _head_and_tail(group_sizes: jax.Array, a: int, head: int):
     return head_src, tail_sizes, tail_src, places
 
 
-def _headed(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, head: int, transposed: bool) -> jax.Array:
+def _headed(lhs: jax.Array, rhs: jax.Array, split: tuple, head: int, transposed: bool) -> jax.Array:
     """lhs [A, D] grouped by expert x rhs [E, D, N] -> [A, N]; with `transposed`, lhs [A, N] x each rhs[e]^T -> [A, D].
-    The head is [E, C]: C = `head` rows per expert."""
-    a = lhs.shape[0]
+    The head is [E, C]: C = `head` rows per expert; `split` is `_head_and_tail` of the group sizes."""
     e = rhs.shape[0]
-    head_src, tail_sizes, tail_src, (in_head, at_head, at_tail, in_group) = _head_and_tail(group_sizes, a, head)
+    head_src, tail_sizes, tail_src, (in_head, at_head, at_tail, in_group) = split
     x = jnp.pad(lhs, ((0, 1), (0, 0)))
     y_head = jnp.einsum("ECN,EDN->ECD" if transposed else "ECD,EDN->ECN", x[head_src], rhs,
                         preferred_element_type=jnp.float32)
@@ -304,7 +303,7 @@ def _headed_grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Arra
     s in those copies (Intel Xeon, AVX-512). With A/E rows of head, what the head pads (experts with fewer rows)
     is about what the tail holds, so the FLOPs stay near the routed rows'. Gradients the same way (d rhs: the head's
     x^T g batched, plus the tail's tiles)."""
-    return _headed(lhs, rhs, group_sizes, head, False)
+    return _headed(lhs, rhs, _head_and_tail(group_sizes, lhs.shape[0], head), head, False)
 
 
 def _headed_fwd(lhs, rhs, group_sizes, head):
@@ -313,9 +312,9 @@ def _headed_fwd(lhs, rhs, group_sizes, head):
 
 def _headed_bwd(head, res, g):
     lhs, rhs, group_sizes = res
-    a = lhs.shape[0]
-    head_src, tail_sizes, tail_src, _ = _head_and_tail(group_sizes, a, head)
-    d_lhs = _headed(g, rhs, group_sizes, head, True)
+    split = _head_and_tail(group_sizes, lhs.shape[0], head)
+    head_src, tail_sizes, tail_src, _ = split
+    d_lhs = _headed(g, rhs, split, head, True)
     x, gp = (jnp.pad(v, ((0, 1), (0, 0))) for v in (lhs, g))
     d_rhs = jnp.einsum("ECD,ECN->EDN", x[head_src], gp[head_src], preferred_element_type=jnp.float32)
     d_rhs = d_rhs + _tiled_weight_grad(x[tail_src], gp[tail_src], rhs.shape[0], tail_sizes)
