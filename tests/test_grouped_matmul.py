@@ -89,9 +89,15 @@ def test_forward_and_gradients_match_float64_and_ragged_dot(case, chunked, monke
     errs_ragged = [float(np.abs(x - r).max(initial=0.0)) for x, r in zip(got, ragged, strict=True)]
     print(f"{case} (A {a}, tile {moe.row_tile(a, len(sizes))}): max |err| vs float64 y/d_lhs/d_rhs "
           + " ".join(f"{e:.1e}" for e in errs) + "; vs ragged_dot " + " ".join(f"{e:.1e}" for e in errs_ragged))
+    assert_matches_float64(got, want, sizes)
+    assert max(errs_ragged) <= 3e-5 * (1 + max(np.abs(w).max(initial=0.0) for w in want))
+
+
+def assert_matches_float64(got, want, sizes):
+    """y, d lhs, d rhs within 1e-5 of float64 (relative to each one's largest value); rows past the groups exactly 0;
+    no gradient for experts without rows."""
     for x, w in zip(got, want, strict=True):
         np.testing.assert_allclose(x, w, rtol=1e-5, atol=1e-5 * (1 + np.abs(w).max(initial=0.0)))
-    assert max(errs_ragged) <= 3e-5 * (1 + max(np.abs(w).max(initial=0.0) for w in want))
     assert not got[0][sum(sizes):].any() and not got[1][sum(sizes):].any()  # rows past the groups: exactly 0
     assert not got[2][np.asarray(sizes) == 0].any()  # experts without rows: no gradient
 
@@ -111,10 +117,7 @@ def test_headed_form_matches_float64(case, head):
     tail = int(np.maximum(np.asarray(sizes) - head, 0).sum())
     print(f"{case} (A {a}, head {head}, {tail} rows in the tail): max |err| vs float64 y/d_lhs/d_rhs "
           + " ".join(f"{e:.1e}" for e in errs))
-    for x, w in zip(got, want, strict=True):
-        np.testing.assert_allclose(x, w, rtol=1e-5, atol=1e-5 * (1 + np.abs(w).max(initial=0.0)))
-    assert not got[0][sum(sizes):].any() and not got[1][sum(sizes):].any()  # rows past the groups: exactly 0
-    assert not got[2][np.asarray(sizes) == 0].any()  # experts without rows: no gradient
+    assert_matches_float64(got, want, sizes)
 
 
 def _headed(head, lhs, rhs, sizes):
