@@ -19,6 +19,7 @@ from flax import nnx
 from oss_jax.cache import Caches, init_cache, placed
 from oss_jax.model import APART_UNEMBED_OPTIONS, GptOss, model_mesh, unembed_apart
 from oss_jax.sharding import constrain
+from oss_jax.unstacked import unstack_experts
 
 STOP_TOKENS = (200002, 200012)  # <|return|>, <|call|>
 
@@ -120,12 +121,15 @@ class SplitModel(NamedTuple):
     leaves: tuple[jax.Array, ...]
 
 
-def split_model(model: GptOss | SplitModel) -> SplitModel:
+def split_model(model: GptOss | SplitModel, unstack: bool = True) -> SplitModel:
+    """The model's `SplitModel`; with `unstack`, dense expert kernels on one CPU device go to the steps as views of
+    each expert (`unstacked`: XLA:CPU then reads each routed expert in place instead of copying it)."""
     if isinstance(model, SplitModel):
         return model
     graphdef, state = nnx.split(model)
-    leaves, treedef = jax.tree.flatten(state)
-    return SplitModel(_graph(graphdef, treedef), tuple(leaves))
+    flat, treedef = jax.tree_util.tree_flatten_with_path(state)
+    paths, leaves = zip(*flat, strict=True) if flat else ((), ())
+    return SplitModel(_graph(graphdef, treedef), tuple(unstack_experts(paths, leaves) if unstack else leaves))
 
 
 def prefill_step(model: GptOss | SplitModel, tokens: jax.Array, positions: jax.Array, caches: Caches

@@ -17,6 +17,7 @@ from oss_jax import packed, rowkernel, tiles
 from oss_jax.config import ModelConfig
 from oss_jax.params import param
 from oss_jax.sharding import RULES, split_ways
+from oss_jax.unstacked import Unstacked
 
 
 def route(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -69,10 +70,11 @@ def swiglu(h: jax.Array, limit: float, alpha: float) -> jax.Array:
     return gate * jax.nn.sigmoid(alpha * gate) * (linear + 1.0)
 
 
-def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array | rowkernel.RowExperts,
+def grouped_matmul(lhs: jax.Array, rhs: jax.Array | Unstacked, group_sizes: jax.Array | rowkernel.RowExperts,
                    head: int = 0) -> jax.Array:
     """lhs [A, D] (rows grouped by expert, sizes [E], or in any order with `RowExperts` where `packed.row_form`) x
     rhs [E, D, N] -> [A, N] float32; rows past the groups -> 0. `head` > 0 (CPU): `_headed_grouped_matmul`.
+    `Unstacked` rhs (generation on CPU): the same head and tiles, forward only, each expert read in place.
 
     On CPU and GPUs, `tiled_grouped_matmul`, with a tiled VJP (gradients of lhs and rhs): XLA expands
     `jax.lax.ragged_dot` there into a dense product against every expert, E times the work and an [E, A, D] buffer
@@ -83,6 +85,10 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array | rowk
     if packed.row_form(lhs.shape[0], rhs.shape[0], False):
         return (rowkernel.dense_matmul if packed.backend() == "gpu" else gathered_matmul)(lhs, rhs, group_sizes)
     group_sizes = rowkernel.require_groups(group_sizes, lhs.shape[0], rhs.shape[0], "moe.grouped_matmul")
+    if isinstance(rhs, Unstacked):  # forward only: generation's steps
+        if head:
+            return _headed(lhs, rhs, _head_and_tail(group_sizes, lhs.shape[0], head), head, False)
+        return tiled_grouped_matmul(lhs, rhs, rhs.shape[0], group_sizes)
     if packed.on_cpu():
         return _headed_grouped_matmul(lhs, rhs, group_sizes, head) if head else _tiled_grouped_matmul(
             lhs, rhs, group_sizes)
@@ -129,9 +135,10 @@ def tile_sizes(tile: int) -> tuple[int, ...]:
     return tuple(sorted({2**i for i in range(tile.bit_length()) if 2**i < tile} | {3 * tile // 4, tile} - {0}))
 
 
-def tiled_grouped_matmul(lhs: jax.Array, weight: Callable[[jax.Array], jax.Array], num_experts: int,
+def tiled_grouped_matmul(lhs: jax.Array, weight: Callable[[jax.Array], jax.Array] | Unstacked, num_experts: int,
                          group_sizes: jax.Array) -> jax.Array:
-    """lhs [A, D] (rows grouped by expert, sizes [E]) x expert j's weight(j) [D, N] -> [A, N] float32.
+    """lhs [A, D] (rows grouped by expert, sizes [E]) x expert j's weight(j) [D, N] (or kernel j of an `Unstacked`,
+    `_switch_dot`) -> [A, N] float32.
 
     Every tile holds rows of one expert: each expert's rows make full tiles of `row_tile` rows and one tile of the
     smallest of `tile_sizes` that holds the remainder (less padding than remainder), so no row meets a second
@@ -140,14 +147,18 @@ def tiled_grouped_matmul(lhs: jax.Array, weight: Callable[[jax.Array], jax.Array
     XLA's cost analysis counts their work. Rows past sum(group_sizes) -> 0. On accelerators, see `tiling`.
     """
     a, d = lhs.shape
-    w = jax.eval_shape(weight, jax.ShapeDtypeStruct((), jnp.int32))
+    unstacked = isinstance(weight, Unstacked)
+    w = weight.kernels[0] if unstacked else jax.eval_shape(weight, jax.ShapeDtypeStruct((), jnp.int32))
     n = w.shape[1]
     tile, sizes, chunk, trips = tiling(a, num_experts, d, n, w.dtype.itemsize)
     x = jnp.pad(lhs, ((0, tile), (0, 0)))
 
+    def product(xt, j):
+        return _switch_dot(xt, weight, j) if unstacked else _expert_dot(xt, weight, j, chunk, n)
+
     def tile_body(s: int):
         def body(out, j, row0, valid):
-            y = _expert_dot(jax.lax.dynamic_slice_in_dim(x, row0, s), weight, j, chunk, n)
+            y = product(jax.lax.dynamic_slice_in_dim(x, row0, s), j)
             cur = jax.lax.dynamic_slice_in_dim(out, row0, s)
             y = jnp.where((jnp.arange(s) < valid)[:, None], y, cur)
             return jax.lax.dynamic_update_slice_in_dim(out, y, row0, 0)
@@ -198,6 +209,25 @@ def _expert_dot(x: jax.Array, weight, j: jax.Array, chunk: int, n: int) -> jax.A
         return acc + jnp.dot(xc, wc, preferred_element_type=jnp.float32)
 
     return jax.lax.fori_loop(0, -(-k // chunk), step, jnp.zeros((x.shape[0], n), jnp.float32))
+
+
+def _switch_dot(x: jax.Array, w: Unstacked, j: jax.Array) -> jax.Array:
+    """x [S, K] @ kernel j of w [K, N] -> [S, N] float32, reading only that kernel, in place (`lax.switch`).
+
+    One row: the kernel as [K/C, C, N] (C the largest divisor of K within CHUNK_BYTES of rows), one batched product
+    of C-term dots summed over K/C: a gpt-oss-20b [2880, 5760] kernel read at 40 GB/s (C 180) against 26-28 as one
+    matrix-vector product, which also errs more (2e-6 of the largest output against 2e-7)."""
+    k, n = w.kernels[0].shape
+    c = max(i for i in range(1, _chunk_rows(k, n, w.dtype.itemsize) + 1) if k % i == 0)
+
+    def dot(kernel, x):
+        if x.shape[0] == 1 and c < k:
+            parts = jnp.einsum("GC,GCN->GN", x.reshape(k // c, c), kernel.reshape(k // c, c, n),
+                               preferred_element_type=jnp.float32)
+            return jnp.sum(parts, axis=0, keepdims=True)
+        return jnp.dot(x, kernel, preferred_element_type=jnp.float32)
+
+    return jax.lax.switch(j, [functools.partial(dot, kernel) for kernel in w.kernels], x)
 
 
 def _tiled_weight_grad(lhs: jax.Array, g: jax.Array, num_experts: int, group_sizes: jax.Array) -> jax.Array:
@@ -279,16 +309,23 @@ def _head_and_tail(group_sizes: jax.Array, a: int, head: int):
     return head_src, tail_sizes, tail_src, places
 
 
-def _headed(lhs: jax.Array, rhs: jax.Array, split: tuple, head: int, transposed: bool) -> jax.Array:
+def _headed(lhs: jax.Array, rhs: jax.Array | Unstacked, split: tuple, head: int, transposed: bool) -> jax.Array:
     """lhs [A, D] grouped by expert x rhs [E, D, N] -> [A, N]; with `transposed`, lhs [A, N] x each rhs[e]^T -> [A, D].
-    The head is [E, C]: C = `head` rows per expert; `split` is `_head_and_tail` of the group sizes."""
+    The head is [E, C]: C = `head` rows per expert; `split` is `_head_and_tail` of the group sizes. An `Unstacked`
+    rhs (not transposed): the head as E products, one per kernel."""
     e = rhs.shape[0]
     head_src, tail_sizes, tail_src, (in_head, at_head, at_tail, in_group) = split
     x = jnp.pad(lhs, ((0, 1), (0, 0)))
-    y_head = jnp.einsum("ECN,EDN->ECD" if transposed else "ECD,EDN->ECN", x[head_src], rhs,
-                        preferred_element_type=jnp.float32)
-    y_tail = tiled_grouped_matmul(x[tail_src], (lambda j: rhs[j].T) if transposed else (lambda j: rhs[j]), e,
-                                  tail_sizes)
+    if isinstance(rhs, Unstacked):
+        xh = x[head_src]
+        y_head = jnp.stack([jnp.dot(xh[i], kernel, preferred_element_type=jnp.float32)
+                            for i, kernel in enumerate(rhs.kernels)])
+        weight = rhs
+    else:
+        y_head = jnp.einsum("ECN,EDN->ECD" if transposed else "ECD,EDN->ECN", x[head_src], rhs,
+                            preferred_element_type=jnp.float32)
+        weight = (lambda j: rhs[j].T) if transposed else (lambda j: rhs[j])
+    y_tail = tiled_grouped_matmul(x[tail_src], weight, e, tail_sizes)
     y = jnp.where(in_head[:, None], y_head.reshape(e * head, -1)[at_head], y_tail[at_tail])
     return jnp.where(in_group[:, None], y, 0.0)
 
@@ -343,7 +380,7 @@ def expert_mlp(rows: jax.Array, expert_ids: jax.Array, group_sizes: jax.Array | 
     return y + b2[expert_ids]
 
 
-def _expert_matmul(x: jax.Array, w: jax.Array | packed.MXFP4, group_sizes: jax.Array | rowkernel.RowExperts,
+def _expert_matmul(x: jax.Array, w: jax.Array | Unstacked | packed.MXFP4, group_sizes: jax.Array | rowkernel.RowExperts,
                    dtype: jnp.dtype, tensor_axis: str | None, head: int = 0) -> jax.Array:
     """x [A, in] (grouped by expert, or `RowExperts`) x w [E, in, out], dense or packed MXFP4 -> [A, out] float32;
     `head`: see `grouped_matmul` (dense weights only)."""

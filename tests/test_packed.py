@@ -211,7 +211,8 @@ def test_gpu_decode_at_batch_1_projects_two_rows(short, force_backend):
     tensor=2 (heads split, the router's decode form inside the expert-parallel shards); batch 2 projects its two
     rows, no more."""
     cfg, params = short
-    split = split_model(placed_model(cfg, params, False, None))
+    # stacked kernels: this split also runs GPUs' forms (views of each expert are made for CPU's forms only)
+    split = split_model(placed_model(cfg, params, False, None), unstack=False)
     mesh = make_mesh({"expert": 4, "tensor": 2})
     d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     tokens = np.random.default_rng(7).integers(0, cfg.vocab_size, size=(1, 12))
@@ -332,7 +333,8 @@ def test_accelerator_expert_paths_equal_the_cpu_paths(short, tokens, shape, monk
     cfg, params = short
     mesh = make_mesh(shape) if shape else None
     for packed_experts in (True, False) if "tensor" not in shape else (True,):
-        split = split_model(placed_model(cfg, params, packed_experts, mesh))
+        # stacked kernels: this split also runs accelerators' forms (views of each expert are for CPU's forms)
+        split = split_model(placed_model(cfg, params, packed_experts, mesh), unstack=False)
 
         def run(split=split):
             jax.clear_caches()  # the backend choice is read while tracing
