@@ -19,7 +19,7 @@ from flax import nnx
 from oss_jax.cache import Caches, init_cache, placed
 from oss_jax.model import APART_UNEMBED_OPTIONS, GptOss, model_mesh, unembed_apart
 from oss_jax.sharding import constrain
-from oss_jax.unstacked import unstack_experts
+from oss_jax.unstacked import Unstacked, unstack_experts
 
 STOP_TOKENS = (200002, 200012)  # <|return|>, <|call|>
 
@@ -115,10 +115,10 @@ class SplitModel(NamedTuple):
     `nnx.split`, which walks every variable in Python (~25 ms for 24 layers, longer than a whole decode step on a
     GPU); jit flattens a tuple of arrays in C++ and hashes the `Graph` in constant time. Passing an nnx.GraphDef and
     nnx.State instead cost 3.7 ms per call of a jitted function that does nothing (gpt-oss-20b, an H100 machine's
-    host): most of a decode step."""
+    host): most of a decode step. On CPU a dense expert kernel's leaf may be its `Unstacked` views (`split_model`)."""
 
     graph: Graph
-    leaves: tuple[jax.Array, ...]
+    leaves: tuple[jax.Array | Unstacked, ...]
 
 
 def split_model(model: GptOss | SplitModel, unstack: bool = True) -> SplitModel:
