@@ -154,7 +154,7 @@ def tiled_grouped_matmul(lhs: jax.Array, weight: Callable[[jax.Array], jax.Array
     x = jnp.pad(lhs, ((0, tile), (0, 0)))
 
     def product(xt, j):
-        return _switch_dot(xt, weight, j) if unstacked else _expert_dot(xt, weight, j, chunk, n)
+        return _switch_dot(xt, weight, j, chunk) if unstacked else _expert_dot(xt, weight, j, chunk, n)
 
     def tile_body(s: int):
         def body(out, j, row0, valid):
@@ -211,14 +211,14 @@ def _expert_dot(x: jax.Array, weight, j: jax.Array, chunk: int, n: int) -> jax.A
     return jax.lax.fori_loop(0, -(-k // chunk), step, jnp.zeros((x.shape[0], n), jnp.float32))
 
 
-def _switch_dot(x: jax.Array, w: Unstacked, j: jax.Array) -> jax.Array:
+def _switch_dot(x: jax.Array, w: Unstacked, j: jax.Array, chunk: int) -> jax.Array:
     """x [S, K] @ kernel j of w [K, N] -> [S, N] float32, reading only that kernel, in place (`lax.switch`).
 
-    One row: the kernel as [K/C, C, N] (C the largest divisor of K within CHUNK_BYTES of rows), one batched product
-    of C-term dots summed over K/C: a gpt-oss-20b [2880, 5760] kernel read at 40 GB/s (C 180) against 26-28 as one
-    matrix-vector product, which also errs more (2e-6 of the largest output against 2e-7)."""
+    One row: the kernel as [K/C, C, N] (C the largest divisor of K up to `chunk` weight rows, `tiling`'s), one
+    batched product of C-term dots summed over K/C: a gpt-oss-20b [2880, 5760] kernel read at 40 GB/s (C 180)
+    against 26-28 as one matrix-vector product, which also errs more (2e-6 of the largest output against 2e-7)."""
     k, n = w.kernels[0].shape
-    c = max(i for i in range(1, _chunk_rows(k, n, w.dtype.itemsize) + 1) if k % i == 0)
+    c = max(i for i in range(1, chunk + 1) if k % i == 0)
 
     def dot(kernel, x):
         if x.shape[0] == 1 and c < k:

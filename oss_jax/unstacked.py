@@ -25,8 +25,6 @@ import numpy as np
 
 from oss_jax import packed
 
-KERNELS = ("mlp1_kernel", "mlp2_kernel")  # the MoE's dense expert kernels, by parameter name
-
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True, eq=False)  # kernels compare by identity, as arrays in a tuple do
@@ -77,11 +75,11 @@ def unstack(w: jax.Array) -> Unstacked | jax.Array:
 
 
 def unstack_experts(paths: Sequence[tuple], leaves: Sequence) -> list:
-    """A model state's flattened leaves with each dense MoE expert kernel (path `...moe.mlp?_kernel.value`)
-    `unstack`ed; the rest as they are."""
+    """A model state's flattened leaves (with their key paths) with each dense MoE expert kernel (a leaf named
+    `...{packed.KERNELS}.value`) `unstack`ed; the rest as they are."""
     return [unstack(leaf) if _expert_kernel(path) else leaf for path, leaf in zip(paths, leaves, strict=True)]
 
 
 def _expert_kernel(path: tuple) -> bool:
-    keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
-    return len(keys) >= 3 and keys[-3] == "moe" and keys[-2] in KERNELS and keys[-1] == "value"
+    name = jax.tree_util.keystr(path, simple=True, separator=".")
+    return name.endswith(".value") and name.removesuffix(".value").endswith(packed.KERNELS)
