@@ -29,17 +29,17 @@ def route(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 def router_logits(x: jax.Array, router_w: jax.Array, router_b: jax.Array, k: int, dtype: jnp.dtype) -> jax.Array:
     """x [X, D] -> x @ router_w + router_b [X, E] float32 (x and the weight as `dtype` values, summed in float32).
 
-    Decode on GPUs (at most E/k rows) sums the products and the bias in one reduction. XLA:GPU compiled the product
-    at 8 rows into a GEMM split 32 ways over D, padded to 3072 (x and the weight copied into padded buffers every
-    step), a reduction of the 32 parts and the bias as one more launch: 5 launches where this takes 2 (20b and
-    120b, benchmarks/gpu_launches.py); at one row, a reduction and the bias (for 120b's [2880, 128], the float32
-    products written out first): one launch more than this."""
+    Decode on GPUs (at most E/k rows) sums the products over D in one reduction and adds the bias to its result.
+    At 8 rows XLA:GPU compiled the GEMM split 32 ways over D padded to 3,072, copying x and the weight into padded
+    buffers every step (5 launches; benchmarks/gpu_launches.py). The reduction runs over D itself: with the bias
+    as one more row of products (D + 1 = 2,881 = 43 x 67), XLA:GPU left it in one launch of 22 us a layer (20b,
+    batch 1), where a reduction over D = 2,880 takes two launches of 3.4 us in all (H200, jax 0.11.2;
+    benchmarks/router_forms.py, logs in benchmarks/results/h100-h200-2026-11-27/)."""
     w = router_w.astype(dtype)
     if packed.backend() != "gpu" or x.shape[0] * k > w.shape[1]:
         return jnp.einsum("XD,DE->XE", x, w, preferred_element_type=jnp.float32) + router_b
     products = x.astype(jnp.float32)[:, :, None] * w.astype(jnp.float32)  # exact: products of two `dtype` values
-    bias = jnp.broadcast_to(router_b.astype(jnp.float32), (x.shape[0], 1, w.shape[1]))
-    return jnp.sum(jnp.concatenate([products, bias], axis=1), axis=1)
+    return jnp.sum(products, axis=1) + router_b
 
 
 def permute(x: jax.Array, ids: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:

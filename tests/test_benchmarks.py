@@ -90,3 +90,26 @@ def test_largest_outputs_total_what_each_launch_writes():
     assert sum(b for _, b, _, _ in largest) == total and total >= 2 * 256 * 512 * 4
     assert largest[0][1] >= 256 * 512 * 4 and [b for _, b, _, _ in largest] == sorted((b for _, b, _, _ in largest),
                                                                                      reverse=True)
+
+
+def test_router_forms_agree_with_float64_and_the_library(force_backend):
+    """benchmarks/router_forms.py: every router form within 2e-6 of float64 at 20b and 120b decode shapes, and its
+    `sum` form is the library's GPU decode form (forced here), bit for bit."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from benchmarks import router_forms
+    from oss_jax.moe import router_logits
+
+    results = router_forms.time_forms(reps=1)
+    assert len(results) == 2 * 2 * len(router_forms.FORMS)
+    assert all(err <= 2e-6 for _, err in results.values())
+    force_backend("gpu")
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 2880)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((2880, 32)) * 0.02, jnp.float32)
+    b = jnp.asarray(rng.standard_normal(32), jnp.float32)
+    library = jax.jit(router_logits, static_argnums=(3, 4))(x, w, b, 4, jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(library),
+                                  np.asarray(jax.jit(router_forms.sum_bias)(x, w.astype(jnp.bfloat16), b)))
