@@ -48,7 +48,7 @@ from benchmarks.bounds import min_bytes, sizes  # noqa: E402
 from benchmarks.gpu_launches import launch_counts  # noqa: E402
 from configs import preset_path  # noqa: E402
 from oss_jax import layers, moe, mxfp4, packed, rowkernel  # noqa: E402
-from oss_jax.cache import cache_bytes, init_cache  # noqa: E402
+from oss_jax.cache import Caches, cache_bytes, init_cache  # noqa: E402
 from oss_jax.config import ModelConfig  # noqa: E402
 from oss_jax.generate import _decode, decode_step, prefill_step, split_model  # noqa: E402
 from oss_jax.model import GptOss, abstract_model  # noqa: E402
@@ -315,13 +315,15 @@ def prefill_rows(model: GptOss, cfg: ModelConfig, prompt: np.ndarray, slots: int
             jax.tree.map(lambda *leaves: jnp.concatenate(leaves), *[r[1] for r in rows]))
 
 
-def random_cache(cfg: ModelConfig, batch: int, context: int, slots: int, cache_dtype) -> list:
-    """A cache as a prefill of `context` tokens leaves it, holding random keys and values."""
+def random_cache(cfg: ModelConfig, batch: int, context: int, slots: int, cache_dtype) -> Caches:
+    """A cache as a prefill of `context` tokens leaves it, holding random keys and values. (As a list of layers it
+    made the first decode step compile for another pytree than the steps return: its outputs then aliased other
+    layers' buffers, copied every step, and the steps after it compiled again.)"""
     key = jax.random.key(2)
     pos = jnp.broadcast_to(jnp.arange(context, dtype=jnp.int32), (batch, context))
     shape = (batch, context, cfg.num_key_value_heads, cfg.head_dim)
     kv = jax.random.normal(key, shape, jnp.float32).astype(cache_dtype)
-    return [c.write(kv, kv, pos) for c in init_cache(cfg, batch, slots, cache_dtype)]
+    return Caches.of([c.write(kv, kv, pos) for c in init_cache(cfg, batch, slots, cache_dtype)])
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=4)

@@ -149,6 +149,11 @@ def decode_step(model: GptOss | SplitModel, tokens: jax.Array, positions: jax.Ar
 def _logits(step, model: GptOss | SplitModel, tokens: jax.Array, positions: jax.Array, caches: Caches
             ) -> tuple[jax.Array, Caches]:
     """`step`'s logits, unembedded in the step or, where `unembed_apart`, by `_unembed` after it."""
+    if not isinstance(caches, Caches):
+        # a list of LayerCache also traces, but for another pytree than the step returns: the donated buffers then
+        # alias other layers' outputs (a copy of each layer's cache per step) and the next step compiles again
+        raise TypeError(f"caches must be a oss_jax.cache.Caches (init_cache, or Caches.of(layers)), got "
+                        f"{type(caches).__name__}")
     graph, leaves = split_model(model)
     # compiler options are for top-level jits only: a step traced inside another jit stays one computation
     apart = unembed_apart(tokens.shape[0]) and not isinstance(tokens, jax.core.Tracer)

@@ -426,6 +426,19 @@ def test_bad_requests_fail_before_compiling(model, bad, message):
     assert _prefill._cache_size() == before  # nothing was compiled
 
 
+def test_steps_take_caches_not_a_list_of_layers(model):
+    """A list of LayerCache (what iterating a Caches gives) is refused before compiling: it traced as another pytree
+    than the steps return, so the first step compiled apart and its donated buffers aliased other layers' outputs
+    (a copy of every layer's cache per step; seen in benchmarks/device_decode.py on an H100)."""
+    layers = list(init_cache(model.cfg, 1, 32))
+    before = (_prefill._cache_size(), _decode._cache_size())
+    with pytest.raises(TypeError, match="caches must be a oss_jax.cache.Caches .* got list"):
+        decode_step(model, jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32), layers)
+    with pytest.raises(TypeError, match="got list"):
+        prefill_step(model, jnp.zeros((1, 4), jnp.int32), jnp.arange(4, dtype=jnp.int32)[None], layers)
+    assert (_prefill._cache_size(), _decode._cache_size()) == before
+
+
 def test_generate_cli_json(ckpt, capsys):
     code = cli.main(["generate", "--ckpt", str(ckpt), "--prompt", "Hello there", "--prompt", "Bonjour",
                      "--max-new-tokens", "6", "--json", "--reasoning", "low"])
