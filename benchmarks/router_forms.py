@@ -5,7 +5,7 @@ float64, then the full decode step with each chosen form (benchmarks/device_deco
 
 One row's router is x [1, 2880] @ w [2880, E] + b: a 184 KB (E 32) or 737 KB (E 128) read, well under a microsecond
 at HBM speed; what it costs is how XLA:GPU tiles the reduction over D. `concat` was the library's decode form until
-2026-11-27, `sum` is it since (`moe.router_logits`).
+2026-11-27, `sum` is it since (`moe.router_decode_logits`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 
 import oss_jax  # noqa: F401  (first: it sets XLA flags)
 from benchmarks import device_decode
-from oss_jax import moe, packed
+from oss_jax import moe
 
 
 def _products(x, w):
@@ -30,11 +30,6 @@ def concat(x, w, b):
     """The bias as one more row of products, one reduction over D + 1."""
     bias = jnp.broadcast_to(b.astype(jnp.float32), (x.shape[0], 1, w.shape[1]))
     return jnp.sum(jnp.concatenate([_products(x, w), bias], axis=1), axis=1)
-
-
-def sum_bias(x, w, b):
-    """One reduction over D, the bias added to its result."""
-    return jnp.sum(_products(x, w), axis=1) + b
 
 
 def gemm(x, w, b):
@@ -50,7 +45,7 @@ def split(rows: int):
     return form
 
 
-FORMS = {"concat": concat, "sum": sum_bias, "gemm": gemm, "split32": split(32), "split96": split(96),
+FORMS = {"concat": concat, "sum": moe.router_decode_logits, "gemm": gemm, "split32": split(32), "split96": split(96),
          "split320": split(320)}
 
 
@@ -83,15 +78,6 @@ def time_forms(reps: int) -> dict[tuple[int, int, str], tuple[float, float]]:
     return out
 
 
-def patched(form):
-    def router_logits(x, router_w, router_b, k, dtype):
-        w = router_w.astype(dtype)
-        if packed.backend() != "gpu" or x.shape[0] * k > w.shape[1]:
-            return jnp.einsum("XD,DE->XE", x, w, preferred_element_type=jnp.float32) + router_b
-        return form(x.astype(dtype), w, router_b)
-    return router_logits
-
-
 def main() -> None:
     argv = sys.argv[1:]
     rest = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -108,7 +94,7 @@ def main() -> None:
         if not name or not rest:
             continue
         print(f"=== decode with the router form {name}", flush=True)
-        moe.router_logits = patched(FORMS[name])
+        moe.router_decode_logits = FORMS[name]  # what moe.router_logits calls for GPU decode
         jax.clear_caches()
         sys.argv = ["device_decode.py", *rest]
         device_decode.main()

@@ -38,8 +38,13 @@ def router_logits(x: jax.Array, router_w: jax.Array, router_b: jax.Array, k: int
     w = router_w.astype(dtype)
     if packed.backend() != "gpu" or x.shape[0] * k > w.shape[1]:
         return jnp.einsum("XD,DE->XE", x, w, preferred_element_type=jnp.float32) + router_b
+    return router_decode_logits(x, w, router_b)
+
+
+def router_decode_logits(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
+    """`router_logits`' GPU decode form: x [X, D] . w [D, E] summed over D in float32, then + b [E] -> [X, E]."""
     products = x.astype(jnp.float32)[:, :, None] * w.astype(jnp.float32)  # exact: products of two `dtype` values
-    return jnp.sum(products, axis=1) + router_b
+    return jnp.sum(products, axis=1) + b
 
 
 def permute(x: jax.Array, ids: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:

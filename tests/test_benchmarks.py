@@ -96,7 +96,7 @@ def test_largest_outputs_total_what_each_launch_writes():
 
 def test_router_forms_agree_with_float64_and_the_library(force_backend):
     """benchmarks/router_forms.py: every router form within 2e-6 of float64 at 20b and 120b decode shapes, and its
-    `sum` form is the library's GPU decode form (forced here), bit for bit."""
+    `sum` form is what the library's router takes for GPU decode (forced here), bit for bit."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -114,4 +114,4 @@ def test_router_forms_agree_with_float64_and_the_library(force_backend):
     b = jnp.asarray(rng.standard_normal(32), jnp.float32)
     library = jax.jit(router_logits, static_argnums=(3, 4))(x, w, b, 4, jnp.bfloat16)
     np.testing.assert_array_equal(np.asarray(library),
-                                  np.asarray(jax.jit(router_forms.sum_bias)(x, w.astype(jnp.bfloat16), b)))
+                                  np.asarray(jax.jit(router_forms.FORMS["sum"])(x, w.astype(jnp.bfloat16), b)))
