@@ -115,3 +115,23 @@ def test_router_forms_agree_with_float64_and_the_library(force_backend):
     library = jax.jit(router_logits, static_argnums=(3, 4))(x, w, b, 4, jnp.bfloat16)
     np.testing.assert_array_equal(np.asarray(library),
                                   np.asarray(jax.jit(router_forms.FORMS["sum"])(x, w.astype(jnp.bfloat16), b)))
+
+
+def test_decode_attention_forms_agree_and_cpus_copies_no_cache(tmp_path):
+    """benchmarks/decode_attention.py on the tiny preset: writing first and `attend_then_write` give the same output
+    and write the same caches; CPU's form copies no cache, where writing first copies the batch-1 cache (the reason
+    for it: if a jaxlib stops doing so, this says the two forms could be one again)."""
+    out = tmp_path / "result.json"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    run = subprocess.run(
+        [sys.executable, "benchmarks/decode_attention.py", "--model", "tiny", "--slots", "256", "--batches", "1,2",
+         "--steps", "1", "--rounds", "1", "--json", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    print(run.stdout)
+    results = json.loads(out.read_text())["results"]
+    assert [(r["batch"], r["slots"]) for r in results] == [(1, 256), (2, 256)]
+    assert all(r["same_cache"] for r in results)
+    assert all(0 < r["largest"] and r["max_abs_diff"] <= 1e-5 * r["largest"] for r in results)
+    assert [r["cache_copies"]["attend_then_write"] for r in results] == [0, 0]
+    assert results[0]["cache_copies"]["write first"] > 0

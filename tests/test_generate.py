@@ -202,6 +202,22 @@ def test_cpu_steps_read_each_expert_in_place(model, prompts, greedy):
     assert err <= 1e-5 * largest
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_cpu_decode_updates_the_caches_in_place(model, batch):
+    """XLA:CPU's compiled decode step copies and transposes no layer's k or v cache: each is updated in place in
+    its donated buffer (`layers.attend_then_write`). Written first and then attended to, every cache of the batch-1
+    step was copied ~4 times and k transposed."""
+    graph, leaves = split_model(model)
+    caches = init_cache(model.cfg, batch, 96)
+    tokens = jnp.zeros((batch,), jnp.int32)
+    hlo = _decode.lower(graph, leaves, tokens, tokens + 40, caches).compile().as_text()
+    shapes = {f"f32[{','.join(map(str, a.shape))}]" for a in caches.k}
+    moved = [line.strip()[:160] for line in hlo.splitlines()
+             if re.search(r" (copy|transpose)\(", line) and any(f"= {shape}{{" in line for shape in shapes)]
+    print(f"batch {batch}: {len(moved)} copies or transposes of a layer's cache {sorted(shapes)}")
+    assert not moved, moved[:4]
+
+
 def test_cpu_steps_of_several_rows_unembed_apart(model, prompts, monkeypatch):
     """On CPU a step of 2-32 rows unembeds in a compile of its own (`unembed_apart`: YNNPACK's GEMM); its logits equal
     the step's own unembedding (XLA's GEMM) within 1e-5 of the largest logit. Traced inside another jit, the step

@@ -468,6 +468,47 @@ def test_attend_in_blocks_equals_numpy(window, cached):
         assert err < 1e-5
 
 
+@pytest.mark.parametrize("window", [None, 4])
+def test_attend_then_write_equals_writing_first(window):
+    """CPU decode (`attend_then_write`: the old cache plus the new key, then the write) == writing first and attending
+    to the written cache (float64), and its cache == `LayerCache.write`'s, bit for bit. Rows: one in the middle of
+    its cache (a ring of 4 slots wrapped past its window), a padding row (-1: sees only the sink, stores nothing),
+    and one whose slot already holds the position being written (a stale entry: left out, as the write replaces
+    it), at batch 3 and, for the first row alone, batch 1 (its own in-place update)."""
+    from oss_jax.cache import LayerCache
+    from oss_jax.layers import attend_then_write
+
+    rng = np.random.default_rng(11)
+    s = 8 if window is None else window
+    q, k, v = (rng.standard_normal(shape) for shape in ((3, 1, K, G, H), (3, 1, K, H), (3, 1, K, H)))
+    old_k, old_v = (rng.standard_normal((3, s, K, H)) for _ in range(2))
+    sinks = rng.standard_normal((K, G))
+    if window is None:
+        old_pos = np.array([[0, 1, 2, 3, 4, -1, -1, -1], [0, 1, 2, -1, -1, -1, -1, -1], [0, 1, 2, 3, 4, 5, -1, -1]])
+        positions = np.array([[5], [-1], [5]])  # row 2's slot 5 holds an old position 5
+    else:
+        old_pos = np.array([[8, 9, 6, 7], [0, 1, 2, -1], [4, 5, 6, 7]])
+        positions = np.array([[10], [-1], [7]])  # row 0 overwrites position 6, row 2 a stale 7
+    f32 = jnp.float32
+    run = jax.jit(attend_then_write, static_argnums=(6, 7))
+    for rows in ([0, 1, 2], [0]):
+        cache = LayerCache(_kv_heads_first(old_k[rows]), _kv_heads_first(old_v[rows]), jnp.asarray(old_pos[rows]))
+        pos = jnp.asarray(positions[rows], jnp.int32)
+        new_k, new_v = jnp.asarray(k[rows], f32), jnp.asarray(v[rows], f32)
+        written = cache.write(new_k, new_v, pos)
+        out, got = run(jnp.asarray(q[rows], f32), new_k, new_v, jnp.asarray(sinks, f32), pos, cache, window, 0.3)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(written), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        keys, values = (np.asarray(a, np.float64).transpose(0, 2, 1, 3) for a in (written.k, written.v))
+        mask = np.asarray(attention_mask(pos, written.pos, window))
+        expected = _numpy_attend(q[rows], keys, values, sinks, mask, 0.3)
+        err = float(np.max(np.abs(np.asarray(out) - expected)))
+        print(f"attend_then_write (window {window}, rows {rows}) vs writing first, float64: {err:.1e}")
+        assert err < 1e-5
+        if 1 in rows:
+            np.testing.assert_array_equal(np.asarray(out)[1], 0.0)
+
+
 @pytest.mark.parametrize("accelerator_form", [False, True])
 def test_rows_dot_transposed_any_row_count(force_backend, accelerator_form):
     """x [X, D] . w [V, D] for 1-9 and 31-33 rows (CPU: w as the left operand, rows padded to a multiple of 8, for
