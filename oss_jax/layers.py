@@ -133,25 +133,27 @@ def attend_then_write(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array
 
     Why not write first, as accelerators do: XLA:CPU fused the in-place update of a batch-1 cache into a second
     producer for the product that reads it, so each step copied every k and v cache of the layer ~4 times (one
-    20b-width full layer, 16k slots: 53 ms a step, 13 with this). The writes here take a data dependency on the
-    products over the old cache, so XLA orders them after those reads and updates the donated cache in place.
-    The scores are [B,K,S,G] (S the long side of the GEMM): as [B,K,G,S] they read k at 2-3 GB/s, here 9-12.
+    gpt-oss full-attention layer's step at 16k slots: 50.3 ms, 12.8 with this; `benchmarks/decode_attention.py`).
+    The writes take a data dependency on the products over the old cache, so XLA orders them after those reads and
+    updates the donated cache in place. The scores are [B,K,S,G] (S the long side of the GEMM): as [B,K,G,S] they
+    read k at 2-3 GB/s, here 9-12. The new key and value are rounded to the cache's dtype, as writing first does.
     """
     dt = q.dtype
     keys, values, q1 = cache.k.astype(dt), cache.v.astype(dt), q[:, 0]  # q1 [B, K, G, H]
+    new_k, new_v = (a[:, 0].astype(cache.k.dtype).astype(dt) for a in (k, v))  # [B, K, H], as the cache keeps them
     old = jnp.einsum("BKSH,BKGH->BKSG", keys, q1, preferred_element_type=jnp.float32)
     earlier = attention_mask(positions, cache.pos, window)[:, 0] & (cache.pos < positions)  # [B, S]
     # the mask as a [B, S] bias: as a select inside the exp's loop, XLA:CPU redid the mask for each of the B*K*S*G
     # scores (16k slots, batch 1: 8.8 -> 4.3 ms for this function)
     scores = old * scale + jnp.where(earlier, 0.0, -jnp.inf)[:, None, :, None]
-    own = jnp.einsum("BKGH,BKH->BKG", q1, k[:, 0].astype(dt), preferred_element_type=jnp.float32)[:, :, None] * scale
+    own = jnp.einsum("BKGH,BKH->BKG", q1, new_k, preferred_element_type=jnp.float32)[:, :, None] * scale
     own = jnp.where((positions >= 0)[:, :, None, None], own, -jnp.inf)  # [B, K, 1, G]
     sink = sinks.astype(jnp.float32)[None, :, None, :]
     top = jax.lax.stop_gradient(jnp.maximum(jnp.maximum(jnp.max(scores, axis=2, keepdims=True), own), sink))
     weights, own_weight = jnp.exp(scores - top), jnp.exp(own - top)
     denominator = jnp.sum(weights, axis=2, keepdims=True) + own_weight + jnp.exp(sink - top)  # [B, K, 1, G]
     mixed = jnp.einsum("BKSG,BKSH->BKGH", weights.astype(dt), values, preferred_element_type=jnp.float32)
-    out = (mixed + own_weight[:, :, 0, :, None] * v[:, 0, :, None, :]) / denominator[:, :, 0, :, None]
+    out = (mixed + own_weight[:, :, 0, :, None] * new_v[:, :, None, :]) / denominator[:, :, 0, :, None]
     # the data dependency (0 x a finite product; per row and kv head, so a mesh adds no collective)
     k = k + (0.0 * old[:, None, :, 0, :1]).astype(k.dtype)
     v = v + (0.0 * mixed[:, None, :, 0, :1]).astype(v.dtype)

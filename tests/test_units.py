@@ -468,13 +468,15 @@ def test_attend_in_blocks_equals_numpy(window, cached):
         assert err < 1e-5
 
 
+@pytest.mark.parametrize("cache_dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("window", [None, 4])
-def test_attend_then_write_equals_writing_first(window):
+def test_attend_then_write_equals_writing_first(window, cache_dtype):
     """CPU decode (`attend_then_write`: the old cache plus the new key, then the write) == writing first and attending
     to the written cache (float64), and its cache == `LayerCache.write`'s, bit for bit. Rows: one in the middle of
     its cache (a ring of 4 slots wrapped past its window), a padding row (-1: sees only the sink, stores nothing),
     and one whose slot already holds the position being written (a stale entry: left out, as the write replaces
-    it), at batch 3 and, for the first row alone, batch 1 (its own in-place update)."""
+    it), at batch 3 and, for the first row alone, batch 1 (its own in-place update); a float32 query against a bf16
+    cache attends to its own key as the cache keeps it."""
     from oss_jax.cache import LayerCache
     from oss_jax.layers import attend_then_write
 
@@ -492,7 +494,8 @@ def test_attend_then_write_equals_writing_first(window):
     f32 = jnp.float32
     run = jax.jit(attend_then_write, static_argnums=(6, 7))
     for rows in ([0, 1, 2], [0]):
-        cache = LayerCache(_kv_heads_first(old_k[rows]), _kv_heads_first(old_v[rows]), jnp.asarray(old_pos[rows]))
+        cache = LayerCache(_kv_heads_first(old_k[rows]).astype(cache_dtype),
+                           _kv_heads_first(old_v[rows]).astype(cache_dtype), jnp.asarray(old_pos[rows]))
         pos = jnp.asarray(positions[rows], jnp.int32)
         new_k, new_v = jnp.asarray(k[rows], f32), jnp.asarray(v[rows], f32)
         written = cache.write(new_k, new_v, pos)
@@ -503,7 +506,8 @@ def test_attend_then_write_equals_writing_first(window):
         mask = np.asarray(attention_mask(pos, written.pos, window))
         expected = _numpy_attend(q[rows], keys, values, sinks, mask, 0.3)
         err = float(np.max(np.abs(np.asarray(out) - expected)))
-        print(f"attend_then_write (window {window}, rows {rows}) vs writing first, float64: {err:.1e}")
+        print(f"attend_then_write (window {window}, rows {rows}, {jnp.dtype(cache_dtype).name} cache) vs writing "
+              f"first, float64: {err:.1e}")
         assert err < 1e-5
         if 1 in rows:
             np.testing.assert_array_equal(np.asarray(out)[1], 0.0)
