@@ -1,6 +1,6 @@
-"""One full-attention layer's decode step on CPU against long KV caches: writing the new key first and attending to
-the written cache (the accelerators' form) vs `layers.attend_then_write` (CPU's: the old cache plus the new key,
-then the write), both in one process, interleaved.
+"""One full-attention layer's decode step on CPU against long KV caches: `layers.write_then_attend` (the
+accelerators' form: the new key written first, then the cache attended to) vs `layers.attend_then_write` (CPU's: the
+old cache plus the new key, then the write), both in one process, interleaved.
 
     python benchmarks/decode_attention.py [--model gpt-oss-20b] [--slots 1024,16384,65536] [--batches 1,2]
 
@@ -36,16 +36,7 @@ from oss_jax.cache import LayerCache  # noqa: E402
 from oss_jax.config import ModelConfig  # noqa: E402
 
 _ATTEND_THEN_WRITE = layers.attend_then_write
-
-
-def write_first(q, k, v, sinks, positions, cache, window, scale):
-    """The accelerators' decode form, with `attend_then_write`'s signature: write, then attend to the cache alone."""
-    cache = cache.write(k, v, positions)
-    mask = layers.attention_mask(positions, cache.pos, window)
-    return layers.attend(q, cache.k.astype(q.dtype), cache.v.astype(q.dtype), sinks, mask, scale), cache
-
-
-FORMS = {"write first": write_first, "attend_then_write": _ATTEND_THEN_WRITE}
+FORMS = {"write first": layers.write_then_attend, "attend_then_write": _ATTEND_THEN_WRITE}
 
 
 @contextlib.contextmanager

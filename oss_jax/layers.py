@@ -160,6 +160,16 @@ def attend_then_write(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array
     return out[:, None], cache.write(k, v, positions)
 
 
+def write_then_attend(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array, positions: jax.Array,
+                      cache: LayerCache, window: int | None, scale: float) -> tuple[jax.Array, LayerCache]:
+    """`attend_then_write`'s decode as accelerators run it: write first, then attend to the cache alone (a full
+    layer's cache has a slot for every position, and a ring written one new position holds the window that ends
+    there; a ring joined to the new keys instead: 2 more XLA:GPU launches per sliding layer)."""
+    cache = cache.write(k, v, positions)
+    keys, values = (a.astype(k.dtype).astype(q.dtype) for a in (cache.k, cache.v))
+    return attend(q, keys, values, sinks, attention_mask(positions, cache.pos, window), scale), cache
+
+
 KEY_BLOCK = 1024  # keys per step of `attend_in_blocks`: a prompt chunk's scores stay this wide at any context
 
 
@@ -278,15 +288,14 @@ class Attention(nnx.Module):
             k, v = constrain(k, NEW_AXES), constrain(v, NEW_AXES)
         sinks = self.sinks[...].reshape(cfg.num_key_value_heads, cfg.q_per_kv)
         scale = 1.0 / math.sqrt(cfg.head_dim)
-        if cache is not None and t == 1 and packed.on_cpu():
-            out, cache = attend_then_write(q.astype(dt), k, v, sinks, positions, cache, self.window, scale)
+        if cache is not None and t == 1:
+            decode = attend_then_write if packed.on_cpu() else write_then_attend
+            out, cache = decode(q.astype(dt), k, v, sinks, positions, cache, self.window, scale)
             return self._output(out), cache
         keys, values, k_pos = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions  # [B, K, T, H]
         full_cache = cache is not None and self.window is None
-        if full_cache or (cache is not None and t == 1):
-            # a full layer's cache has a slot for every position, and a ring written one new position holds the
-            # window that ends there: write first, then attend to the cache alone (a ring joined to the new keys
-            # instead: 2 more XLA:GPU launches per sliding layer at decode; CPU decode: `attend_then_write`)
+        if full_cache:
+            # a slot for every position: write first, then attend to the cache alone
             cache = cache.write(k, v, positions)
             keys, values, k_pos = cache.k.astype(k.dtype), cache.v.astype(v.dtype), cache.pos
         elif cache is not None:
