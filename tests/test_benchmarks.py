@@ -135,3 +135,20 @@ def test_decode_attention_forms_agree_and_cpus_copies_no_cache(tmp_path):
     assert all(0 < r["largest"] and r["max_abs_diff"] <= 1e-5 * r["largest"] for r in results)
     assert [r["cache_copies"]["attend_then_write"] for r in results] == [0, 0]
     assert results[0]["cache_copies"]["write first"] > 0
+
+
+def test_sliding_attention_forms_agree(tmp_path):
+    """benchmarks/sliding_attention.py on the tiny preset: scoring every key and `attend_banded` give the same prefill
+    output after a full ring and the same training gradients, and the banded form needs no more temporary memory."""
+    out = tmp_path / "result.json"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    run = subprocess.run(
+        [sys.executable, "benchmarks/sliding_attention.py", "--model", "tiny", "--chunks", "37", "--train", "64",
+         "--steps", "1", "--rounds", "1", "--json", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    print(run.stdout)
+    results = json.loads(out.read_text())["results"]
+    assert [(r["kind"], r["tokens"]) for r in results] == [("prefill", 37), ("train", 64)]
+    assert all(0 < r["largest"] and r["max_abs_diff"] <= 1e-5 * r["largest"] for r in results)
+    assert all(r["temp_bytes"]["banded"] <= r["temp_bytes"]["every key"] for r in results)

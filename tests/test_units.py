@@ -468,6 +468,62 @@ def test_attend_in_blocks_equals_numpy(window, cached):
         assert err < 1e-5
 
 
+def _banded_case(kind: str):
+    """(q_pos, k_pos, segments) for `attend_banded`, window 4: P earlier keys (a ring in slot order) then T queries."""
+    if kind == "ring":  # rows start at positions 9 and 2 (ring not yet full), 7 queries (not a multiple of 4)
+        starts, p, t = (9, 2), 4, 7
+    elif kind == "short ring":  # a ring of 3 slots (a cache shorter than the window)
+        starts, p, t = (5, 6), 3, 9
+    else:  # packed rows, no cache: sequences of 3, 6 and 2 tokens (positions restart), then padding
+        q_pos = np.array([[0, 1, 2, 0, 1, 2, 3, 4, 5, 0, 1, -1], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, -1, -1]], np.int32)
+        segments = np.array([[0, 0, 0, 1, 1, 1, 1, 1, 1, 2, 2, 3], [0] * 10 + [1, 1]], np.int32)
+        return q_pos, q_pos, segments
+    q_pos = np.stack([np.arange(t) + s for s in starts]).astype(np.int32)
+    q_pos[1, -2:] = -1  # the second row ends early
+    ring = np.full((len(starts), p), -1, np.int32)
+    for row, s in enumerate(starts):
+        for pos in range(max(0, s - p), s):
+            ring[row, pos % p] = pos
+    return q_pos, np.concatenate([ring, q_pos], axis=1), None
+
+
+@pytest.mark.parametrize("kind", ["ring", "short ring", "packed"])
+def test_attend_banded_equals_numpy(kind):
+    """A sliding layer's queries in blocks of W/2, each scoring only the W keys before it and its own == the float64
+    formula over every key with the mask from positions; its gradients == `attend`'s (training takes it)."""
+    from oss_jax.layers import attend_banded
+
+    window, scale = 4, 0.3
+    q_pos, k_pos, segments = _banded_case(kind)
+    rng = np.random.default_rng(11)
+    (b, t), s = q_pos.shape, k_pos.shape[1]
+    q, k, v = (rng.standard_normal(shape) for shape in ((b, t, K, G, H), (b, s, K, H), (b, s, K, H)))
+    sinks = rng.standard_normal((K, G))
+    diff = q_pos[:, :, None] - k_pos[:, None, :]
+    mask = (diff >= 0) & (diff < window) & (k_pos[:, None, :] >= 0)
+    if segments is not None:
+        mask &= segments[:, :, None] == segments[:, None, :]
+    assert mask.sum(-1).max() == window and np.any(mask[:, :, :s - t]) == (kind != "packed")
+    f32 = jnp.float32
+    args = (jnp.asarray(q, f32), _kv_heads_first(k), _kv_heads_first(v), jnp.asarray(sinks, f32))
+    seg = None if segments is None else jnp.asarray(segments)
+
+    def banded(q, k, v, sinks):
+        return attend_banded(q, k, v, sinks, jnp.asarray(q_pos), jnp.asarray(k_pos), window, scale, seg)
+
+    def every_key(q, k, v, sinks):
+        return attend(q, k, v, sinks, jnp.asarray(mask), scale)
+
+    got = np.asarray(jax.jit(banded)(*args))
+    err = float(np.max(np.abs(got - _numpy_attend(q, k, v, sinks, mask, scale))))
+    weights = jnp.asarray(rng.standard_normal(got.shape), f32)
+    grads = [jax.jit(jax.grad(lambda *a, f=f: jnp.sum(f(*a) * weights), argnums=(0, 1, 2, 3)))(*args)
+             for f in (banded, every_key)]
+    grad_err = max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(*grads, strict=True))
+    print(f"attend_banded ({kind}) vs float64: {err:.1e}; gradients vs attend's: {grad_err:.1e}")
+    assert err < 1e-5 and grad_err < 1e-5
+
+
 @pytest.mark.parametrize("cache_dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("window", [None, 4])
 def test_attend_then_write_equals_writing_first(window, cache_dtype):
