@@ -14,12 +14,12 @@ is most of what a step reads. Random weights and caches; the cache holds positio
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import re
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository root, not benchmarks/ (convert.py)
@@ -35,18 +35,7 @@ from oss_jax import layers  # noqa: E402
 from oss_jax.cache import LayerCache  # noqa: E402
 from oss_jax.config import ModelConfig  # noqa: E402
 
-_ATTEND_THEN_WRITE = layers.attend_then_write
-FORMS = {"write first": layers.write_then_attend, "attend_then_write": _ATTEND_THEN_WRITE}
-
-
-@contextlib.contextmanager
-def decode_form(form):
-    """`Attention` takes `form` for CPU decode while tracing inside this block."""
-    layers.attend_then_write = form
-    try:
-        yield
-    finally:
-        layers.attend_then_write = _ATTEND_THEN_WRITE
+FORMS = {"write first": layers.write_then_attend, "attend_then_write": layers.attend_then_write}
 
 
 def random_cache(cfg: ModelConfig, batch: int, slots: int, seed: int = 0) -> LayerCache:
@@ -74,7 +63,7 @@ def measure(cfg: ModelConfig, layer: int, batch: int, slots: int, steps: int, ro
     cache = random_cache(cfg, batch, slots)
     compiled, copies, first = {}, {}, {}
     for name, form in FORMS.items():  # each form traced (so compiled) once, with `form` in place
-        with decode_form(form):
+        with mock.patch.object(layers, "attend_then_write", form):  # `Attention` takes `form` while tracing
             step = jax.jit(lambda s, x, p, c: nnx.merge(graph, s)(x, p, c), donate_argnums=3)
             compiled[name] = step.lower(state, x, position, cache).compile()
         copies[name] = cache_copies(compiled[name].as_text(), cache)

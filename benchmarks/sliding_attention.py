@@ -14,11 +14,11 @@ where the [.., T, S] scores live) and the largest difference of the outputs (and
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository root, not benchmarks/ (convert.py)
@@ -34,25 +34,13 @@ from oss_jax import layers  # noqa: E402
 from oss_jax.cache import LayerCache  # noqa: E402
 from oss_jax.config import ModelConfig  # noqa: E402
 
-_BANDED = layers.attend_banded
-
 
 def every_key(q, k, v, sinks, q_pos, k_pos, window, scale, segments=None):
     """`attend_banded`'s arguments, every key scored (the sliding layer's form before it)."""
     return layers.attend(q, k, v, sinks, layers.attention_mask(q_pos, k_pos, window, segments), scale)
 
 
-FORMS = {"every key": every_key, "banded": _BANDED}
-
-
-@contextlib.contextmanager
-def sliding_form(form):
-    """`Attention` takes `form` for a sliding layer's many queries while tracing inside this block."""
-    layers.attend_banded = form
-    try:
-        yield
-    finally:
-        layers.attend_banded = _BANDED
+FORMS = {"every key": every_key, "banded": layers.attend_banded}
 
 
 def full_ring(cfg: ModelConfig, window: int, start: int, seed: int = 0) -> LayerCache:
@@ -102,7 +90,8 @@ def measure(cfg: ModelConfig, layer: int, kind: str, tokens: int, steps: int, ro
         args = (state, x, positions, jnp.zeros_like(positions))
     compiled, temp, best, outs = {}, {}, {}, {}
     for name, form in FORMS.items():  # each form traced (so compiled) once, with `form` in place
-        with sliding_form(form):  # a new function each time: JAX keeps a function's trace
+        # `Attention` takes `form` while tracing; a new function each time: JAX keeps a function's trace
+        with mock.patch.object(layers, "attend_banded", form):
             compiled[name] = jax.jit(_step(graph, kind)).lower(*args).compile()
         memory = compiled[name].memory_analysis()
         temp[name] = None if memory is None else int(memory.temp_size_in_bytes)

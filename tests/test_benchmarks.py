@@ -10,19 +10,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _run(script: str, args: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess, dict]:
+    """benchmarks/`script` on CPU with `args` (split at spaces): the finished process and the JSON it wrote."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    out = tmp_path / "result.json"
+    run = subprocess.run([sys.executable, f"benchmarks/{script}", *args.split(), "--json", str(out)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    print(run.stdout)
+    return run, json.loads(out.read_text())
+
+
 def test_device_decode_runs_on_the_tiny_preset(tmp_path):
     """Expert-matmul variants (XLA gathered and the Pallas kernel, interpreted) agree, the model decodes, and the
     profile and JSON are written."""
-    out = tmp_path / "result.json"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-    run = subprocess.run(
-        [sys.executable, "benchmarks/device_decode.py", "--model", "tiny", "--batches", "1", "--steps", "1",
-         "--warmup", "1", "--reps", "1", "--variants", "words,kernel", "--no-prefill", "--profile", "1",
-         "--json", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    print(run.stdout)
-    result = json.loads(out.read_text())
+    run, result = _run("device_decode.py", "--model tiny --batches 1 --steps 1 --warmup 1 --reps 1 "
+                       "--variants words,kernel --no-prefill --profile 1", tmp_path)
     assert [r["impl"] for r in result["expert_matmul"]] == ["gathered-words", "gathered-kernel"]
     assert all(r["max_rel_diff"] <= 1e-6 for r in result["expert_matmul"])
     [decoded] = result["runs"]
@@ -35,15 +38,7 @@ def test_device_decode_runs_on_the_tiny_preset(tmp_path):
 def test_device_decode_dense_variants_agree(tmp_path):
     """bf16 experts: the gathered reduction, the bf16 einsum and the dense Pallas kernel (interpreted) give the same
     expert matmul at batch 2 (8 rows); `--matmul-only` draws no model."""
-    out = tmp_path / "result.json"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-    run = subprocess.run(
-        [sys.executable, "benchmarks/device_decode.py", "--model", "tiny", "--experts", "bf16", "--batches", "2",
-         "--reps", "1", "--matmul-only", "--json", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    print(run.stdout)
-    result = json.loads(out.read_text())
+    _, result = _run("device_decode.py", "--model tiny --experts bf16 --batches 2 --reps 1 --matmul-only", tmp_path)
     assert [r["impl"] for r in result["expert_matmul"]] == ["gathered", "einsum", "kernel"]
     assert all(r["max_rel_diff"] <= 1e-5 for r in result["expert_matmul"])  # exact bf16 products, float32 sums
     assert "runs" not in result
@@ -121,15 +116,8 @@ def test_decode_attention_forms_agree_and_cpus_copies_no_cache(tmp_path):
     """benchmarks/decode_attention.py on the tiny preset: writing first and `attend_then_write` give the same output
     and write the same caches; CPU's form copies no cache, where writing first copies the batch-1 cache (the reason
     for it: if a jaxlib stops doing so, this says the two forms could be one again)."""
-    out = tmp_path / "result.json"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-    run = subprocess.run(
-        [sys.executable, "benchmarks/decode_attention.py", "--model", "tiny", "--slots", "256", "--batches", "1,2",
-         "--steps", "1", "--rounds", "1", "--json", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    print(run.stdout)
-    results = json.loads(out.read_text())["results"]
+    _, result = _run("decode_attention.py", "--model tiny --slots 256 --batches 1,2 --steps 1 --rounds 1", tmp_path)
+    results = result["results"]
     assert [(r["batch"], r["slots"]) for r in results] == [(1, 256), (2, 256)]
     assert all(r["same_cache"] for r in results)
     assert all(0 < r["largest"] and r["max_abs_diff"] <= 1e-5 * r["largest"] for r in results)
@@ -140,15 +128,8 @@ def test_decode_attention_forms_agree_and_cpus_copies_no_cache(tmp_path):
 def test_sliding_attention_forms_agree(tmp_path):
     """benchmarks/sliding_attention.py on the tiny preset: scoring every key and `attend_banded` give the same prefill
     output after a full ring and the same training gradients, and the banded form needs no more temporary memory."""
-    out = tmp_path / "result.json"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-    run = subprocess.run(
-        [sys.executable, "benchmarks/sliding_attention.py", "--model", "tiny", "--chunks", "37", "--train", "64",
-         "--steps", "1", "--rounds", "1", "--json", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    print(run.stdout)
-    results = json.loads(out.read_text())["results"]
+    _, result = _run("sliding_attention.py", "--model tiny --chunks 37 --train 64 --steps 1 --rounds 1", tmp_path)
+    results = result["results"]
     assert [(r["kind"], r["tokens"]) for r in results] == [("prefill", 37), ("train", 64)]
     assert all(0 < r["largest"] and r["max_abs_diff"] <= 1e-5 * r["largest"] for r in results)
     assert all(r["temp_bytes"]["banded"] <= r["temp_bytes"]["every key"] for r in results)
