@@ -4,7 +4,7 @@ Dimension letters used in every einsum and shape note of this package:
   B batch, T query length, S key length, D model width, N query heads, K kv heads,
   G query heads per kv head (N = K * G), H head dim, E experts, F expert width, V vocab,
   X flattened tokens (B * T), A token-expert assignments (X * experts_per_token), C blocks of queries (banded
-  attention; there T is a block's queries and S the keys it scores).
+  attention).
 """
 
 from __future__ import annotations
@@ -83,18 +83,19 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 # ------------------------------------------------------------------ attention
 
 
-def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None, segments: jax.Array | None = None
-                   ) -> jax.Array:
+def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None, segments: jax.Array | None = None,
+                   k_segments: jax.Array | None = None) -> jax.Array:
     """q_pos [B, T], k_pos [B, S] -> bool [B, T, S]: causal, within `window` keys (self included); k_pos -1 = empty.
 
-    `segments` [B, T] (T == S, no cache): packed sequences attend only within their own segment.
+    `segments` [B, T] (no cache): packed sequences attend only within their own segment; the keys' are `k_segments`
+    [B, S], by default `segments` (T == S).
     """
     diff = q_pos[:, :, None] - k_pos[:, None, :]
     mask = (diff >= 0) & (k_pos[:, None, :] >= 0)
     if window is not None:
         mask &= diff < window
     if segments is not None:
-        mask &= segments[:, :, None] == segments[:, None, :]
+        mask &= segments[:, :, None] == (segments if k_segments is None else k_segments)[:, None, :]
     return mask
 
 
@@ -163,26 +164,19 @@ def attend_banded(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array, q_
         return jnp.concatenate([a[lead + (slice(i, c + i),)] for i in range(shifts + 1)], axis=axis + 1)
 
     def blocks(a: jax.Array, fill) -> jax.Array:
-        """[B, T, ..] -> [B, C, Q, ..], the tail padded with `fill`."""
+        """[B, T, ..] -> [B * C, Q, ..] (each block a row of its own), the tail padded with `fill`."""
         a = jnp.pad(a, [(0, 0), (0, tail)] + [(0, 0)] * (a.ndim - 2), constant_values=fill)
-        return a.reshape(b, c, qb, *a.shape[2:])
+        return a.reshape(b * c, qb, *a.shape[2:])
 
-    keys, values = band(k, 2, 0), band(v, 2, 0)  # [B, K, C, W + Q, H]
-    qb_pos, kb_pos = blocks(q_pos, -1), band(k_pos, 1, -1)  # [B, C, Q], [B, C, W + Q]
-    diff = qb_pos[..., :, None] - kb_pos[..., None, :]
-    mask = (diff >= 0) & (diff < w) & (kb_pos[..., None, :] >= 0)  # [B, C, Q, W + Q]
-    if segments is not None:
-        mask &= blocks(segments, -1)[..., :, None] == band(segments, 1, -2)[..., None, :]
-    q_t = blocks(q, 0).transpose(0, 3, 1, 4, 2, 5)  # [B, K, C, G, Q, H]
-    scores = jnp.einsum("BKCGTH,BKCHS->BKCGTS", q_t, keys.swapaxes(3, 4), preferred_element_type=jnp.float32)
-    scores = jnp.where(mask[:, None, :, None], scores * scale, -jnp.inf)
-    sink = sinks.astype(jnp.float32)[None, :, None, :, None, None]
-    top = jax.lax.stop_gradient(jnp.maximum(jnp.max(scores, axis=-1, keepdims=True), sink))
-    weights = jnp.exp(scores - top)
-    denominator = jnp.sum(weights, axis=-1, keepdims=True) + jnp.exp(sink - top)
-    out = jnp.einsum("BKCGTS,BKCSH->BKCGTH", weights.astype(values.dtype), values,
-                     preferred_element_type=jnp.float32) / denominator
-    return out.transpose(0, 2, 4, 1, 3, 5).reshape(b, c * qb, kh, g, h)[:, :t]
+    def key_rows(a: jax.Array, fill) -> jax.Array:
+        """[B, S] -> [B * C, W + Q]: what each block's keys hold."""
+        return band(a, 1, fill).reshape(b * c, w + qb)
+
+    keys, values = (band(a, 2, 0).swapaxes(1, 2).reshape(b * c, kh, w + qb, h) for a in (k, v))  # [B*C, K, W+Q, H]
+    seg = () if segments is None else (blocks(segments, -1), key_rows(segments, -2))
+    mask = attention_mask(blocks(q_pos, -1), key_rows(k_pos, -1), w, *seg)
+    out = attend(blocks(q, 0), keys, values, sinks, mask, scale)
+    return out.reshape(b, c * qb, kh, g, h)[:, :t]
 
 
 def attend_then_write(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array, positions: jax.Array,
