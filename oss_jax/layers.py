@@ -16,8 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from oss_jax import packed, rowkernel
+from oss_jax import causal_blocks, packed, rowkernel
 from oss_jax.cache import NEW_AXES, LayerCache
+from oss_jax.causal_blocks import attend_causal
 from oss_jax.config import ModelConfig
 from oss_jax.params import param
 from oss_jax.sharding import constrain
@@ -327,7 +328,9 @@ class Attention(nnx.Module):
         With a cache, the new tokens attend to what it holds plus themselves, then are written into it. `segments`
         [B, T] (training on packed rows, no cache) keeps each packed sequence to itself. A row's positions rise by
         one from token to token (padding only before or after its tokens, or between packed sequences): a sliding
-        layer looks at the `window` entries before a query's own (`attend_banded`), not at every key's position.
+        layer looks at the `window` entries before a query's own (`attend_banded`), not at every key's position, and
+        a full layer given more than `causal_blocks.BLOCK` tokens and no cache skips the keys after a query's own
+        (`attend_causal`).
         """
         cfg, dt = self.cfg, self.dtype
         x = x.astype(dt)
@@ -366,6 +369,9 @@ class Attention(nnx.Module):
             # more queries than the window: each block of W/2 queries scores the 1.5W keys it can see, not all S
             out = attend_banded(q.astype(dt), keys.astype(dt), values.astype(dt), sinks, positions, k_pos,
                                 self.window, scale, segments)
+        elif cache is None and self.window is None and t > causal_blocks.BLOCK:
+            # a long row with no cache (training, full forwards): tiles of queries x keys, none past the diagonal
+            out = attend_causal(q.astype(dt), keys.astype(dt), values.astype(dt), sinks, positions, segments, scale)
         elif t > 1 and s > KEY_BLOCK and s % KEY_BLOCK == 0 and segments is None:
             # a prompt chunk against a long cache: scores a block of keys at a time
             out = attend_in_blocks(q.astype(dt), keys.astype(dt), values.astype(dt), sinks, positions, k_pos,

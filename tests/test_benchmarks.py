@@ -133,3 +133,12 @@ def test_sliding_attention_forms_agree(tmp_path):
     assert [(r["kind"], r["tokens"]) for r in results] == [("prefill", 37), ("train", 64)]
     assert all(0 < r["largest"] and r["max_abs_diff"] <= 1e-5 * r["largest"] for r in results)
     assert all(r["temp_bytes"]["banded"] <= r["temp_bytes"]["every key"] for r in results)
+
+
+def test_full_attention_forms_agree(tmp_path):
+    """benchmarks/sliding_attention.py --full on the tiny preset: a 600-token training row (two tiles of 512) through
+    a full layer gives the same gradients with every key scored and with `attend_causal`."""
+    _, result = _run("sliding_attention.py", "--model tiny --full --train 600 --steps 1 --rounds 1", tmp_path)
+    [r] = result["results"]
+    assert (r["kind"], r["tokens"], r["window"], r["forms"]) == ("train", 600, None, ["every key", "blocks"])
+    assert 0 < r["largest"] and r["max_abs_diff"] <= 1e-5 * r["largest"]
