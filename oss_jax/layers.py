@@ -230,15 +230,14 @@ KEY_BLOCK = 1024  # keys per step of `attend_in_blocks`: a prompt chunk's scores
 
 
 def attend_in_blocks(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array, q_pos: jax.Array,
-                     k_pos: jax.Array, window: int | None, scale: float, block: int, cached: bool = False
-                     ) -> jax.Array:
-    """`attend` over S keys taken `block` at a time (S a multiple of it) with a running softmax: the same result,
-    with [.., T, block] scores in memory instead of [.., T, S] (a 512-token chunk against a 128k-slot cache: 17 GB).
+                     k_pos: jax.Array, window: int | None, scale: float, block: int) -> jax.Array:
+    """`attend` over a full layer's cache of S slots taken `block` at a time (S a multiple of it) with a running
+    softmax: the same result, with [.., T, block] scores in memory instead of [.., T, S] (a 512-token chunk against
+    a 128k-slot cache: 17 GB). Forward only (generation; long rows with no cache take `attend_causal`).
 
-    q [B,T,K,G,H], k/v [B,K,S,H], sinks [K,G], q_pos [B,T], k_pos [B,S] (the mask comes from positions) ->
-    [B,T,K,G,H] float32. `cached`: k/v are a full layer's cache (slot = position mod S), so a block that starts
-    past the last query position holds only later or empty positions and is skipped (a loop of traced length,
-    not reverse-differentiable); otherwise every block is scored (a scan).
+    q [B,T,K,G,H], k/v [B,K,S,H] (slot = position mod S), sinks [K,G], q_pos [B,T], k_pos [B,S] (the mask comes
+    from positions) -> [B,T,K,G,H] float32. A block that starts past the last query position holds only later or
+    empty positions and is skipped (a loop of traced length).
     """
     b, s = k_pos.shape
     q_t = q.transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
@@ -259,11 +258,8 @@ def attend_in_blocks(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array,
         out = out * rescale + _mix(weights, v_blk)
         return new_top, denominator, out
 
-    if cached:
-        blocks = jnp.minimum(jnp.max(q_pos) // block + 1, s // block)
-        _, denominator, out = jax.lax.fori_loop(0, blocks, step, start)
-    else:
-        (_, denominator, out), _ = jax.lax.scan(lambda c, i: (step(i, c), None), start, jnp.arange(s // block))
+    blocks = jnp.minimum(jnp.max(q_pos) // block + 1, s // block)
+    _, denominator, out = jax.lax.fori_loop(0, blocks, step, start)
     return (out / denominator).transpose(0, 3, 1, 2, 4)
 
 
@@ -372,10 +368,10 @@ class Attention(nnx.Module):
         elif cache is None and self.window is None and t > causal_blocks.BLOCK:
             # a long row with no cache (training, full forwards): tiles of queries x keys, none past the diagonal
             out = attend_causal(q.astype(dt), keys.astype(dt), values.astype(dt), sinks, positions, segments, scale)
-        elif t > 1 and s > KEY_BLOCK and s % KEY_BLOCK == 0 and segments is None:
+        elif full_cache and t > 1 and s > KEY_BLOCK and s % KEY_BLOCK == 0:
             # a prompt chunk against a long cache: scores a block of keys at a time
             out = attend_in_blocks(q.astype(dt), keys.astype(dt), values.astype(dt), sinks, positions, k_pos,
-                                   self.window, scale, KEY_BLOCK, cached=full_cache)
+                                   self.window, scale, KEY_BLOCK)
         else:
             mask = attention_mask(positions, k_pos, self.window, segments)
             out = attend(q.astype(dt), keys.astype(dt), values.astype(dt), sinks, mask, scale)

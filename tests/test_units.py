@@ -444,11 +444,10 @@ def test_attend_fully_masked_query_gives_zeros():
 
 
 @pytest.mark.parametrize("window", [None, 5])
-@pytest.mark.parametrize("cached", [False, True])
-def test_attend_in_blocks_equals_numpy(window, cached):
+def test_attend_in_blocks_equals_numpy(window):
     """Keys 2 at a time (four blocks) with a running softmax == the one-pass float64 formula: empty slots (-1), padded
-    queries, a sliding window, queries that see only the sink in some blocks. `cached` (slot = position): blocks past
-    the last query position are skipped, here 2 of 4 for the second set of queries."""
+    queries, a sliding window, queries that see only the sink in some blocks. Blocks past the last query position
+    (slot = position) are skipped, here 2 of 4 for the second set of queries."""
     from oss_jax.layers import attend_in_blocks
 
     rng = np.random.default_rng(7)
@@ -457,14 +456,14 @@ def test_attend_in_blocks_equals_numpy(window, cached):
     sinks = rng.standard_normal((K, G))
     k_pos = np.array([[0, 1, 2, 3, 4, 5, 6, 7], [0, 1, 2, 3, 4, -1, -1, -1]], np.int32)
     f32 = jnp.float32
-    run = jax.jit(attend_in_blocks, static_argnums=(6, 7, 8, 9))
+    run = jax.jit(attend_in_blocks, static_argnums=(6, 7, 8))
     for q_pos in ([[2, 3, 4, 5, 6, 7], [0, 1, 2, 3, 4, -1]], [[0, 1, 2, 3, -1, -1], [0, 1, 2, 3, 3, -1]]):
         q_pos = np.array(q_pos, np.int32)
         mask = np.asarray(attention_mask(jnp.asarray(q_pos), jnp.asarray(k_pos), window))
         got = np.asarray(run(jnp.asarray(q, f32), _kv_heads_first(k), _kv_heads_first(v), jnp.asarray(sinks, f32),
-                             jnp.asarray(q_pos), jnp.asarray(k_pos), window, 0.3, block, cached))
+                             jnp.asarray(q_pos), jnp.asarray(k_pos), window, 0.3, block))
         err = float(np.max(np.abs(got - _numpy_attend(q, k, v, sinks, mask, 0.3))))
-        print(f"attend_in_blocks (window {window}, cached {cached}, last query {q_pos.max()}) vs float64: {err:.1e}")
+        print(f"attend_in_blocks (window {window}, last query {q_pos.max()}) vs float64: {err:.1e}")
         assert err < 1e-5
 
 
