@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from oss_jax.masks import attention_mask
+
 BLOCK = 512  # queries and keys per tile: [B, K, G, 512, 512] float32 scores (64 MiB for gpt-oss's 64 heads)
 
 
@@ -46,8 +48,7 @@ def attend_causal(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array, po
 
 def _tile_scores(q_i, k_j, pos_i, pos_j, seg_i, seg_j, scale):
     """q_i [B,K,G,Q,H], k_j [B,K,S,H] (Q = S = block) -> scores [B,K,G,Q,S] float32, -inf where masked; the mask."""
-    diff = pos_i[:, :, None] - pos_j[:, None, :]
-    mask = (diff >= 0) & (pos_j[:, None, :] >= 0) & (seg_i[:, :, None] == seg_j[:, None, :])
+    mask = attention_mask(pos_i, pos_j, None, seg_i, seg_j)
     scores = jnp.einsum("BKGQH,BKSH->BKGQS", q_i, k_j, preferred_element_type=jnp.float32) * scale
     return jnp.where(mask[:, None, None], scores, -jnp.inf), mask
 

@@ -20,6 +20,7 @@ from oss_jax import causal_blocks, packed, rowkernel
 from oss_jax.cache import NEW_AXES, LayerCache
 from oss_jax.causal_blocks import attend_causal
 from oss_jax.config import ModelConfig
+from oss_jax.masks import attention_mask
 from oss_jax.params import param
 from oss_jax.sharding import constrain
 
@@ -82,22 +83,6 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 # ------------------------------------------------------------------ attention
-
-
-def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None, segments: jax.Array | None = None,
-                   k_segments: jax.Array | None = None) -> jax.Array:
-    """q_pos [B, T], k_pos [B, S] -> bool [B, T, S]: causal, within `window` keys (self included); k_pos -1 = empty.
-
-    `segments` [B, T] (no cache): packed sequences attend only within their own segment; the keys' are `k_segments`
-    [B, S], by default `segments` (T == S).
-    """
-    diff = q_pos[:, :, None] - k_pos[:, None, :]
-    mask = (diff >= 0) & (k_pos[:, None, :] >= 0)
-    if window is not None:
-        mask &= diff < window
-    if segments is not None:
-        mask &= segments[:, :, None] == (segments if k_segments is None else k_segments)[:, None, :]
-    return mask
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array, mask: jax.Array, scale: float) -> jax.Array:

@@ -136,7 +136,7 @@ def test_sliding_attention_forms_agree(tmp_path):
 
 
 def test_full_attention_forms_agree(tmp_path):
-    """benchmarks/sliding_attention.py --full on the tiny preset: a 600-token training row (two tiles of 512) through
+    """benchmarks/sliding_attention.py --full on the tiny preset: a 600-token training row (two blocks of 300) through
     a full layer gives the same gradients with every key scored and with `attend_causal`."""
     _, result = _run("sliding_attention.py", "--model tiny --full --train 600 --steps 1 --rounds 1", tmp_path)
     [r] = result["results"]

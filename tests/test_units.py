@@ -524,8 +524,8 @@ def test_attend_banded_equals_numpy(kind):
 
 
 def _causal_case():
-    """Two rows of 11 tokens for `attend_causal` (tiles of 4: the third half empty): packed sequences of 3, 4 and 2
-    tokens then padding; one sequence of 9 then padding. Inputs [B,T,K,G,H], [B,K,T,H] x2, sinks, the float64 mask."""
+    """Two rows of 11 tokens for `attend_causal` (tiles of 4: the third padded by one): packed sequences of 3, 4 and
+    2 tokens then padding; one sequence of 9 then padding. Inputs [B,T,K,G,H], [B,K,T,H] x2, sinks, the float64 mask."""
     q_pos = np.array([[0, 1, 2, 0, 1, 2, 3, 0, 1, -1, -1], [0, 1, 2, 3, 4, 5, 6, 7, 8, -1, -1]], np.int32)
     segments = np.array([[0, 0, 0, 1, 1, 1, 1, 2, 2, 3, 3], [0] * 9 + [1, 1]], np.int32)
     rng = np.random.default_rng(13)
