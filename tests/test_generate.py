@@ -1,6 +1,7 @@
 """Generation: greedy == HF transformers generate, cache == recomputation, batching, sharding, sampling, errors."""
 
 import json
+import operator
 import re
 import signal
 from pathlib import Path
@@ -216,6 +217,28 @@ def test_cpu_decode_updates_the_caches_in_place(model, batch):
              if re.search(r" (copy|transpose)\(", line) and any(f"= {shape}{{" in line for shape in shapes)]
     print(f"batch {batch}: {len(moved)} copies or transposes of a layer's cache {sorted(shapes)}")
     assert not moved, moved[:4]
+
+
+def test_prefill_updates_the_caches_in_place(model):
+    """A prompt chunk's step is given the cache (donated) and returns it in the same buffers, copying no full
+    layer's k or v cache (the ones as long as the context; a sliding layer's ring of `window` slots is reordered by
+    position, a copy): a chunk holds one cache at a time. Before, each chunk allocated a second one."""
+    graph, leaves, cfg = *split_model(model), model.cfg
+    caches = init_cache(cfg, 2, 96)
+    tokens, positions = jnp.ones((2, 32), jnp.int32), jnp.broadcast_to(jnp.arange(32, dtype=jnp.int32), (2, 32))
+    hlo = _prefill.lower(graph, leaves, tokens, positions, caches).compile().as_text()
+    full = [i for i in range(cfg.num_hidden_layers) if cfg.window(i) is None]
+    shapes = {f"f32[{','.join(map(str, caches[i].k.shape))}]" for i in full}
+    assert full and all(caches[i].k.shape[2] == 96 != cfg.sliding_window for i in full)
+    copies = [line.strip()[:160] for line in hlo.splitlines()
+              if re.search(r" copy\(", line) and any(f"= {shape}{{" in line for shape in shapes)]
+    before = [a.unsafe_buffer_pointer() for a in jax.tree.leaves(caches)]
+    _, out = prefill_step(model, tokens, positions, caches)
+    after = [a.unsafe_buffer_pointer() for a in jax.tree.leaves(out)]
+    print(f"prefill chunk of 32 tokens, 2 rows: {sum(map(operator.eq, before, after))} of {len(before)} cache "
+          f"buffers reused, {len(copies)} copies of a full layer's cache")
+    assert all(a.is_deleted() for a in jax.tree.leaves(caches))
+    assert after == before and not copies, copies[:4]
 
 
 def test_cpu_steps_of_several_rows_unembed_apart(model, prompts, monkeypatch):
