@@ -113,12 +113,17 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: jnp.dtype = jn
     """Empty caches for every layer: `max_len` slots on full layers, `sliding_window` on sliding ones."""
     caches = []
     for layer in range(cfg.num_hidden_layers):
-        window = cfg.window(layer)
-        slots = min(window, max_len) if window is not None else max_len
+        slots = slot_count(cfg, layer, max_len)
         shape = (batch, cfg.num_key_value_heads, slots, cfg.head_dim)
         caches.append(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
                                  jnp.full((batch, slots), -1, jnp.int32)))
     return placed(Caches.of(caches))
+
+
+def slot_count(cfg: ModelConfig, layer: int, max_len: int) -> int:
+    """A layer's slots in a cache for `max_len` positions: all of them, or a sliding layer's window."""
+    window = cfg.window(layer)
+    return min(window, max_len) if window is not None else max_len
 
 
 def placed(caches: Caches) -> Caches:
@@ -139,9 +144,17 @@ def cache_bytes(caches: Caches) -> int:
 
 
 def grow(cfg: ModelConfig, caches: Caches, max_len: int) -> Caches:
-    """The same keys and values in caches of `max_len` slots (layers whose slot count does not change are kept)."""
-    bigger = init_cache(cfg, caches[0].pos.shape[0], max_len, caches[0].k.dtype)
-    layers = [old if new.pos.shape == old.pos.shape else
-              new.write(old.k.transpose(0, 2, 1, 3), old.v.transpose(0, 2, 1, 3), old.pos)
-              for old, new in zip(caches, bigger, strict=True)]
+    """The same keys and values in caches of `max_len` slots (layers whose slot count does not change are kept).
+
+    A layer that grows has held only positions below its slot count, each in slot `position % slots` = its own
+    position, which stays its slot among more: the new slots are appended empty. (Zeros of the new size and a
+    scatter of the old entries into them held the new cache twice.)"""
+    layers = []
+    for layer, old in enumerate(caches):
+        extra = slot_count(cfg, layer, max_len) - old.pos.shape[1]
+        if extra < 0:
+            raise ValueError(f"grow: layer {layer} holds {old.pos.shape[1]} slots, more than the {max_len} asked for")
+        kv = ((0, 0), (0, 0), (0, extra), (0, 0))  # k, v [B, K, S, H]
+        layers.append(old if extra == 0 else LayerCache(jnp.pad(old.k, kv), jnp.pad(old.v, kv),
+                                                        jnp.pad(old.pos, ((0, 0), (0, extra)), constant_values=-1)))
     return placed(Caches.of(layers))

@@ -931,3 +931,32 @@ def test_cache_writes_one_position_at_a_time(slots):
         for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(two), strict=True):
             np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(b[1]))
     assert sorted(want_pos) == list(range(11 - slots, 11))  # the last `slots` positions survive
+
+
+def test_grown_cache_equals_one_written_at_its_new_size(two_layer_config):
+    """`cache.grow` appends empty slots to the layers whose slot count grows (a full layer; a ring smaller than its
+    window): the grown cache equals the cache of the new size given the same writes, before and after more writes
+    (row 1 has padding; the ring grows from 4 slots to its window of 8 and then wraps)."""
+    from oss_jax.cache import Caches, grow, init_cache
+
+    cfg = two_layer_config
+    assert cfg.window(0) == 8 and cfg.window(1) is None
+
+    def write(caches: Caches, positions: list[list[int]], seed: int) -> Caches:  # positions [B, T]
+        shape = (len(positions), len(positions[0]), cfg.num_key_value_heads, cfg.head_dim)
+        k, v = np.random.default_rng(seed).standard_normal((2, *shape)).astype(np.float32)
+        return Caches.of([c.write(jnp.asarray(k), jnp.asarray(v), jnp.asarray(positions, jnp.int32))
+                          for c in caches])
+
+    def assert_equal(a: Caches, b: Caches) -> None:
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+    first, later = [[0, 1, 2, 3], [0, 1, -1, -1]], [[4, 5, 6, 7, 8, 9], [2, 3, 4, 5, 6, 7]]
+    grown = grow(cfg, write(init_cache(cfg, 2, 4), first, 0), 16)
+    big = write(init_cache(cfg, 2, 16), first, 0)
+    assert [c.pos.shape[1] for c in grown] == [8, 16] == [c.pos.shape[1] for c in big]
+    assert_equal(grown, big)
+    assert_equal(write(grown, later, 1), write(big, later, 1))
+    with pytest.raises(ValueError, match="layer 1 holds 16 slots, more than the 8 asked for"):
+        grow(cfg, big, 8)
