@@ -88,12 +88,7 @@ def _device_batch(batches: Iterator[dict[str, np.ndarray]], tc: TrainConfig, mes
     tokens = int(np.sum(stacked["positions"] >= 0))
     if mesh is None:
         return {k: jnp.asarray(v) for k, v in stacked.items()}, tokens
-    placed = {}
-    for k, v in stacked.items():
-        inner = batch_sharding(mesh, v.shape[1:])
-        spec = jax.sharding.PartitionSpec(None, *inner.spec)
-        placed[k] = jax.device_put(v, jax.sharding.NamedSharding(mesh, spec))
-    return placed, tokens
+    return {k: jax.device_put(v, batch_sharding(mesh, v.shape, dim=1)) for k, v in stacked.items()}, tokens
 
 
 def fit(ckpt: str | Path, data_path: str | Path, run: str | Path, tc: TrainConfig, *, mesh: Mesh | None = None,

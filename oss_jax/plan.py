@@ -107,15 +107,15 @@ def abstract_sharded_model(cfg: ModelConfig, mesh: Mesh, dtype: jnp.dtype, packe
     return model
 
 
-def batch_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
-    """Split dim 0 (batch) of an array of `shape` over the mesh's data and fsdp axes; the rest replicated."""
-    axes = tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
-    size = math.prod(mesh.shape[a] for a in axes)
-    if shape[0] % size:
-        raise MeshError(f"batch {shape[0]} cannot be split {size} ways over mesh axes {axes}; "
+def batch_sharding(mesh: Mesh, shape: tuple[int, ...], dim: int = 0) -> NamedSharding:
+    """Split dimension `dim` (the batch; 1 for micro-batches stacked [A, B, T]) of an array of `shape` over the mesh's
+    data and fsdp axes; the rest replicated."""
+    size = batch_parallel_size(mesh.shape)
+    if shape[dim] % size:
+        axes = tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
+        raise MeshError(f"batch {shape[dim]} cannot be split {size} ways over mesh axes {axes}; "
                         f"use a multiple of {size}")
-    lead = axes[0] if len(axes) == 1 else (axes or None)
-    return NamedSharding(mesh, PartitionSpec(lead, *(None,) * (len(shape) - 1)))
+    return named_sharding(tuple("batch" if d == dim else None for d in range(len(shape))), shape, mesh)
 
 
 def batch_parallel_size(mesh_shape: Mapping[str, int]) -> int:
@@ -186,10 +186,9 @@ def _train_builder(lora_rank: int) -> Callable[[GptOss, Mesh, int, int], Step]:
         opt = _like_params(jax.eval_shape(tx.init, params), params, mesh)
         replicated = NamedSharding(mesh, PartitionSpec())
         state = train.TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), params, frozen, opt)
-        row = batch_sharding(mesh, (batch, seq_len))
-        lead = NamedSharding(mesh, PartitionSpec(None, *row.spec))
+        stacked = batch_sharding(mesh, (1, batch, seq_len), dim=1)
         rows = {k: jax.ShapeDtypeStruct((1, batch, seq_len), jnp.float32 if k == "loss_mask" else jnp.int32,
-                                        sharding=lead) for k in train.BATCH_KEYS}
+                                        sharding=stacked) for k in train.BATCH_KEYS}
         graphdef = nnx.graphdef(abstract_model(model.cfg, jnp.bfloat16))
 
         def step(state, rows):
