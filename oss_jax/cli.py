@@ -387,12 +387,35 @@ def chat_requests(args: argparse.Namespace) -> tuple[list[str], list[list[int]] 
     return [label for label, _ in records], [conversation_ids(r, args.reasoning, label) for label, r in records]
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The checkpoint and how to hold it (`generate`, `chat`)."""
+    p.add_argument("--ckpt", type=Path, required=True, help="converted (Orbax) or safetensors checkpoint directory")
+    p.add_argument("--mesh", default=None, help="mesh preset or spec, e.g. expert=8 (default: one device)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="parameter and matmul dtype")
+    p.add_argument("--experts", choices=EXPERTS, default=None, help=EXPERTS_HELP)
+
+
+def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    """Reasoning effort and sampling (`generate`, `chat`)."""
+    p.add_argument("--reasoning", choices=("low", "medium", "high"), default="medium")
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample among the likeliest tokens of this total mass")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def sampling_of(args: argparse.Namespace):
+    """`add_sampling_args`' flags as a `generate.Sampling`."""
     from oss_jax.generate import Sampling
 
+    return Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
     labels, chat_ids = chat_requests(args)
     model = load_model(args.ckpt, args.mesh, args.dtype, args.experts)
-    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    sampling = sampling_of(args)
     results = run_generate(model, args.ckpt, labels, chat_ids, max_new_tokens=args.max_new_tokens,
                            sampling=sampling, stream=not args.json, stop_strings=args.stop)
     if args.json:
@@ -460,13 +483,13 @@ def chat_turn(messages: list[dict], complete, tool_result) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from oss_jax.generate import STOP_TOKENS, Sampling
+    from oss_jax.generate import STOP_TOKENS
     from oss_jax.session import Session
 
     tools = _tools_file(args.tools)
     header = [{"role": "developer", "content": args.system}] if args.system else []
     model = load_model(args.ckpt, args.mesh, args.dtype, args.experts)
-    sampling = Sampling(temperature=args.temperature, seed=args.seed)
+    sampling = sampling_of(args)
     session = Session(model)  # keeps the KV cache: each turn prefills only what the last one did not
 
     def complete(messages: list[dict]) -> list[int]:
@@ -648,22 +671,14 @@ def build_parser() -> argparse.ArgumentParser:
     n.set_defaults(func=cmd_plan)
 
     g = sub.add_parser("generate", help="generate from a checkpoint (harmony chat, or --raw text)")
-    g.add_argument("--ckpt", type=Path, required=True, help="converted (Orbax) or safetensors checkpoint directory")
+    add_model_args(g)
     g.add_argument("--prompt", action="append", help="a user message (repeat for a batch)")
     g.add_argument("--conversation", action="append", type=Path,
                    help='instead of --prompt: a JSON file {"messages": [...], "tools": [...]} (the format of '
                         "`oss-jax train` data) whose next assistant message is generated; repeat for a batch")
     g.add_argument("--developer", help="developer instructions (with --prompt)")
     g.add_argument("--tools", type=Path, help="JSON file: a list of function tools the model may call (with --prompt)")
-    g.add_argument("--reasoning", choices=("low", "medium", "high"), default="medium")
-    g.add_argument("--max-new-tokens", type=int, default=256)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--mesh", default=None, help="mesh preset or spec, e.g. expert=8")
-    g.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
-    g.add_argument("--experts", choices=EXPERTS, default=None, help=EXPERTS_HELP)
+    add_sampling_args(g, max_new_tokens=256)
     g.add_argument("--raw", action="store_true", help="feed the prompt as plain text, no chat format")
     g.add_argument("--json", action="store_true",
                    help="print per prompt as JSON: token ids, text, and the parsed final, analysis, tool calls and "
@@ -672,17 +687,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     ch = sub.add_parser("chat", help="interactive harmony chat with a checkpoint (executes no tools)")
-    ch.add_argument("--ckpt", type=Path, required=True)
-    ch.add_argument("--reasoning", choices=("low", "medium", "high"), default="medium")
+    add_model_args(ch)
     ch.add_argument("--system", default=None, help="developer instructions")
     ch.add_argument("--tools", type=Path, help="JSON file: function tools the model may call (you type the results)")
     ch.add_argument("--show-reasoning", action="store_true", help="also stream the analysis channel")
-    ch.add_argument("--max-new-tokens", type=int, default=512)
-    ch.add_argument("--temperature", type=float, default=0.0)
-    ch.add_argument("--seed", type=int, default=0)
-    ch.add_argument("--mesh", default=None)
-    ch.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
-    ch.add_argument("--experts", choices=EXPERTS, default=None, help=EXPERTS_HELP)
+    add_sampling_args(ch, max_new_tokens=512)
     ch.set_defaults(func=cmd_chat)
 
     t = sub.add_parser("train", help="fine-tune a converted checkpoint on JSONL conversations or text (optax)")

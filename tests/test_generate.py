@@ -226,14 +226,15 @@ def test_prefill_updates_the_caches_in_place(model):
     graph, leaves, cfg = *split_model(model), model.cfg
     caches = init_cache(cfg, 2, 96)
     tokens, positions = jnp.ones((2, 32), jnp.int32), jnp.broadcast_to(jnp.arange(32, dtype=jnp.int32), (2, 32))
-    hlo = _prefill.lower(graph, leaves, tokens, positions, caches).compile().as_text()
+    step = _prefill.lower(graph, leaves, tokens, positions, caches).compile()
+    hlo = step.as_text()
     full = [i for i in range(cfg.num_hidden_layers) if cfg.window(i) is None]
     shapes = {f"f32[{','.join(map(str, caches[i].k.shape))}]" for i in full}
     assert full and all(caches[i].k.shape[2] == 96 != cfg.sliding_window for i in full)
     copies = [line.strip()[:160] for line in hlo.splitlines()
               if re.search(r" copy\(", line) and any(f"= {shape}{{" in line for shape in shapes)]
     before = [a.unsafe_buffer_pointer() for a in jax.tree.leaves(caches)]
-    _, out = prefill_step(model, tokens, positions, caches)
+    _, out = step(leaves, tokens, positions, caches)  # what prefill_step runs (compiled once here)
     after = [a.unsafe_buffer_pointer() for a in jax.tree.leaves(out)]
     print(f"prefill chunk of 32 tokens, 2 rows: {sum(map(operator.eq, before, after))} of {len(before)} cache "
           f"buffers reused, {len(copies)} copies of a full layer's cache")
@@ -476,6 +477,16 @@ def test_steps_take_caches_not_a_list_of_layers(model):
     with pytest.raises(TypeError, match="got list"):
         prefill_step(model, jnp.zeros((1, 4), jnp.int32), jnp.arange(4, dtype=jnp.int32)[None], layers)
     assert (_prefill._cache_size(), _decode._cache_size()) == before
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_generate_and_chat_take_the_same_sampling_flags(command):
+    """Both commands read the model and sampling flags from one place (`chat` had no --top-k / --top-p)."""
+    argv = [command, "--ckpt", "x", "--temperature", "0.7", "--top-k", "40", "--top-p", "0.9", "--seed", "5",
+            "--mesh", "expert=8", "--dtype", "bf16", "--experts", "packed"]
+    args = cli.build_parser().parse_args(argv)
+    assert cli.sampling_of(args) == Sampling(temperature=0.7, top_k=40, top_p=0.9, seed=5)
+    assert (args.mesh, args.dtype, args.experts, args.reasoning) == ("expert=8", "bf16", "packed", "medium")
 
 
 def test_generate_cli_json(ckpt, capsys):
