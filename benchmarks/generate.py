@@ -298,6 +298,7 @@ def worker_ours(args) -> dict:
     p = args.prefill
     tokens = jnp.asarray(work["prefill"], jnp.int32)
     positions = jnp.arange(p, dtype=jnp.int32)[None]
+
     def empty() -> Caches:  # a fresh one per call: the prefill step donates the cache it is given
         return init_cache(cfg, 1, bucket(p + 64))
 

@@ -149,6 +149,8 @@ def grow(cfg: ModelConfig, caches: Caches, max_len: int) -> Caches:
     A layer that grows has held only positions below its slot count, each in slot `position % slots` = its own
     position, which stays its slot among more: the new slots are appended empty. (Zeros of the new size and a
     scatter of the old entries into them held the new cache twice.)"""
+    # layer by layer, positions included: layers sharing positions may not after (a ring smaller than its window
+    # grows to the window, a full layer to max_len); `Caches.of` groups them again
     layers = []
     for layer, old in enumerate(caches):
         extra = slot_count(cfg, layer, max_len) - old.pos.shape[1]
