@@ -316,7 +316,6 @@ def worker_ours(args) -> dict:
     res["prefill_tok_s"] = p / res["prefill"]["best_s"]
     res["prefill_gmm_cost"] = grouped_matmul_cost(p * cfg.experts_per_token)
     res["prefill_routing"] = np.asarray(routing(model, tokens, positions)).tolist()
-    caches = None
 
     for b in args.batches:
         prompt = jnp.asarray(work[f"prompt{b}"], jnp.int32)
