@@ -89,15 +89,16 @@ def _hf_loss_and_grads(path, batch, coef: float):
 
     hf = transformers.GptOssForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation="eager")
     hf.train()
-    tokens = torch.as_tensor(np.asarray(batch["tokens"][0]), dtype=torch.long)
-    labels = torch.as_tensor(np.asarray(batch["targets"][0]), dtype=torch.long)
-    labels[torch.as_tensor(np.asarray(batch["loss_mask"][0])) == 0] = -100
+    # np.array copies: a view of a JAX array is read-only, which torch warns about
+    tokens = torch.as_tensor(np.array(batch["tokens"][0]), dtype=torch.long)
+    labels = torch.as_tensor(np.array(batch["targets"][0]), dtype=torch.long)
+    labels[torch.as_tensor(np.array(batch["loss_mask"][0])) == 0] = -100
     out = hf(tokens, output_router_logits=coef > 0)
     loss = torch.nn.functional.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), labels.reshape(-1))
     if coef:
         loss = loss + coef * out.aux_loss  # HF's own load_balancing_loss_func over the same tokens
     loss.backward()
-    return float(loss), {n: p.grad.numpy() for n, p in hf.named_parameters()}
+    return float(loss.detach()), {n: p.grad.numpy() for n, p in hf.named_parameters()}
 
 
 @pytest.mark.parametrize("form", ["cpu", "gpu"])
