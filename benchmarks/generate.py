@@ -361,18 +361,17 @@ def worker_ours(args) -> dict:
         # batch 1: streaming reads of a separate array before and after each timed step, for the bandwidth bound;
         # this machine's read bandwidth moves by 1.5x within minutes, so a step is held against the reads next to it
         x = read_array() if b == 1 else None
-        reads = gemv_reads(x) if x is not None else {}
-        for fn in reads.values():
-            jax.block_until_ready(fn(x))  # compiled
-        read = functools.partial(faster_read, reads, x)
+        read = functools.partial(faster_read, gemv_reads(x), x) if x is not None else None
+        if read:
+            read()  # compiles the reads
         timer, around = Timer(), []
         for s, tok in enumerate(steps):
             if s == args.warmup:  # the warm-up steps (the first compiles) are not counted
-                timer, around = Timer(), [read()] if reads else []
+                timer, around = Timer(), [read()] if read else []
             with timer:
                 logits, caches = decode(steps_model, jnp.asarray(tok), jnp.full((b,), c + s, jnp.int32), caches)
                 logits.block_until_ready()
-            if reads and s >= args.warmup:
+            if read and s >= args.warmup:
                 around.append(read())
         if x is not None:
             x.delete()
@@ -543,8 +542,8 @@ def report(cfg: ModelConfig, args, bw: dict, ours: dict, hf: dict[str, dict]) ->
                   f"separate run's {bw['best_GBps']:.1f} GB/s; best step {r['decode1']['tok_s']:.2f} = {frac:.2f}")
         reads = d1.get("reads_GBps")
         if reads:  # step i between reads i and i + 1: its bound time is bytes / bandwidth, averaged over the two
-            times = d1["times_s"]
-            fracs = [(need(4) / reads[i] + need(4) / reads[i + 1]) / 2e9 / t for i, t in enumerate(times)]
+            times, nbytes = d1["times_s"], need(4)
+            fracs = [(nbytes / reads[i] + nbytes / reads[i + 1]) / 2e9 / t for i, t in enumerate(times)]
             frac = statistics.median(fracs)
             summary["ratios"]["decode b1 bandwidth fraction ours fp32"] = round(frac, 3)
             print(f"decode b1 ours fp32, each step against the streaming reads just before and after it: reads "
