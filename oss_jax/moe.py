@@ -76,10 +76,11 @@ def swiglu(h: jax.Array, limit: float, alpha: float) -> jax.Array:
 
 
 def grouped_matmul(lhs: jax.Array, rhs: jax.Array | Unstacked, group_sizes: jax.Array | rowkernel.RowExperts,
-                   head: int = 0) -> jax.Array:
+                   head: int = 0, max_group: int | None = None) -> jax.Array:
     """lhs [A, D] (rows grouped by expert, sizes [E], or in any order with `RowExperts` where `packed.row_form`) x
     rhs [E, D, N] -> [A, N] float32; rows past the groups -> 0. `head` > 0 (CPU): `_headed_grouped_matmul`.
     `Unstacked` rhs (generation on CPU): the same head and tiles, forward only, each expert read in place.
+    `max_group`: a promise that no group holds more rows (rows past it in a group may come out 0; `tile_sizes`).
 
     On CPU and GPUs, `tiled_grouped_matmul`, with a tiled VJP (gradients of lhs and rhs): XLA expands
     `jax.lax.ragged_dot` there into a dense product against every expert, E times the work and an [E, A, D] buffer
@@ -92,13 +93,13 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array | Unstacked, group_sizes: jax.
     group_sizes = rowkernel.require_groups(group_sizes, lhs.shape[0], rhs.shape[0], "moe.grouped_matmul")
     if isinstance(rhs, Unstacked):  # forward only: generation's steps
         if head:
-            return _headed(lhs, rhs, _head_and_tail(group_sizes, lhs.shape[0], head), head, False)
-        return tiled_grouped_matmul(lhs, rhs, rhs.shape[0], group_sizes)
+            return _headed(lhs, rhs, _head_and_tail(group_sizes, lhs.shape[0], head), head, False, max_group)
+        return tiled_grouped_matmul(lhs, rhs, rhs.shape[0], group_sizes, max_group)
     if packed.on_cpu():
-        return _headed_grouped_matmul(lhs, rhs, group_sizes, head) if head else _tiled_grouped_matmul(
-            lhs, rhs, group_sizes)
+        return _headed_grouped_matmul(lhs, rhs, group_sizes, head, max_group) if head else _tiled_grouped_matmul(
+            lhs, rhs, group_sizes, max_group)
     if packed.backend() == "gpu":
-        return _tiled_grouped_matmul(lhs, rhs, group_sizes)
+        return _tiled_grouped_matmul(lhs, rhs, group_sizes, max_group)
     return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=jnp.float32)
 
 
@@ -120,9 +121,10 @@ def row_tile(a: int, num_experts: int) -> int:
     return 1 if 4 * a <= num_experts else TILE
 
 
-def tiling(a: int, num_experts: int, k: int, n: int, itemsize: int) -> tuple[int, tuple[int, ...], int, int | None]:
-    """How `tiled_grouped_matmul` splits A rows over E experts against [K, N] weights: (full tile, tile sizes, weight
-    rows per inner step, fixed trip count or None).
+def tiling(a: int, num_experts: int, k: int, n: int, itemsize: int, max_group: int | None = None
+           ) -> tuple[int, tuple[int, ...], int, int | None]:
+    """How `tiled_grouped_matmul` splits A rows over E experts (at most `max_group` rows each) against [K, N] weights:
+    (full tile, tile sizes, weight rows per inner step, fixed trip count or None).
 
     CPU: `row_tile`, remainders in `tile_sizes`, CHUNK_BYTES of weight at a time, exactly the routing's tiles.
     Accelerators: one tile size and the most tiles any routing makes as the trip count (`tiles.fixed`), whole
@@ -130,32 +132,42 @@ def tiling(a: int, num_experts: int, k: int, n: int, itemsize: int) -> tuple[int
     """
     if packed.on_cpu():
         tile = row_tile(a, num_experts)
-        return tile, tile_sizes(tile), _chunk_rows(k, n, itemsize), None
+        return tile, tile_sizes(tile, max_group), _chunk_rows(k, n, itemsize), None
     tile, trips = tiles.fixed(a, num_experts)
     return tile, (tile,), k, trips
 
 
-def tile_sizes(tile: int) -> tuple[int, ...]:
-    """Rows a tile may have: a full tile, or what a remainder rounds up to (powers of two, and 3/4 of a full tile)."""
-    return tuple(sorted({2**i for i in range(tile.bit_length()) if 2**i < tile} | {3 * tile // 4, tile} - {0}))
+def tile_sizes(tile: int, max_group: int | None = None) -> tuple[int, ...]:
+    """Rows a tile may have: a full tile, or what a remainder rounds up to (powers of two, and 3/4 of a full tile).
+
+    With `max_group` (no expert has more rows), only the sizes such groups can need: each size is a loop of its own,
+    compiled even where it runs no step, and a decode step's few tokens need few (20b at batch 8: 32 rows over 32
+    experts, at most 8 each, need 1, 2, 4 and 8 of the 8 sizes; one token, at most 1 row each: only 1)."""
+    sizes = sorted({2**i for i in range(tile.bit_length()) if 2**i < tile} | {3 * tile // 4, tile} - {0})
+    if max_group is None:
+        return tuple(sizes)
+    largest_remainder = max(1, min(max_group, tile - 1))
+    top = next(s for s in sizes if s >= largest_remainder)
+    return tuple(s for s in sizes if s <= top or (s == tile and max_group >= tile))
 
 
 def tiled_grouped_matmul(lhs: jax.Array, weight: Callable[[jax.Array], jax.Array] | Unstacked, num_experts: int,
-                         group_sizes: jax.Array) -> jax.Array:
+                         group_sizes: jax.Array, max_group: int | None = None) -> jax.Array:
     """lhs [A, D] (rows grouped by expert, sizes [E]) x expert j's weight(j) [D, N] (or kernel j of an `Unstacked`,
     `_switch_dot`) -> [A, N] float32.
 
     Every tile holds rows of one expert: each expert's rows make full tiles of `row_tile` rows and one tile of the
     smallest of `tile_sizes` that holds the remainder (less padding than remainder), so no row meets a second
-    expert; one loop per tile size. `weight` is called (with a traced int32 j) only inside the tiles, so only for
-    experts that have rows; its rows are taken CHUNK_BYTES at a time. One-row tiles (decode) run unrolled, so that
-    XLA's cost analysis counts their work. Rows past sum(group_sizes) -> 0. On accelerators, see `tiling`.
+    expert; one loop per tile size (those that groups of up to `max_group` rows can need). `weight` is called
+    (with a traced int32 j) only inside the tiles, so only for experts that have rows; its rows are taken CHUNK_BYTES
+    at a time. One-row tiles (decode) run unrolled, so that XLA's cost analysis counts their work. Rows past
+    sum(group_sizes) -> 0. On accelerators, see `tiling`.
     """
     a, d = lhs.shape
     unstacked = isinstance(weight, Unstacked)
     w = weight.kernels[0] if unstacked else jax.eval_shape(weight, jax.ShapeDtypeStruct((), jnp.int32))
     n = w.shape[1]
-    tile, sizes, chunk, trips = tiling(a, num_experts, d, n, w.dtype.itemsize)
+    tile, sizes, chunk, trips = tiling(a, num_experts, d, n, w.dtype.itemsize, max_group)
     x = jnp.pad(lhs, ((0, tile), (0, 0)))
 
     def product(xt, j):
@@ -261,20 +273,21 @@ def _tiled_weight_grad(lhs: jax.Array, g: jax.Array, num_experts: int, group_siz
     return tiles.loop(tile, count, first, ends, body, dw, trips=trips)
 
 
-@jax.custom_vjp
-def _tiled_grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    return tiled_grouped_matmul(lhs, lambda j: rhs[j], rhs.shape[0], group_sizes)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _tiled_grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, max_group: int | None = None
+                          ) -> jax.Array:
+    return tiled_grouped_matmul(lhs, lambda j: rhs[j], rhs.shape[0], group_sizes, max_group)
 
 
-def _tiled_fwd(lhs, rhs, group_sizes):
-    return _tiled_grouped_matmul(lhs, rhs, group_sizes), (lhs, rhs, group_sizes)
+def _tiled_fwd(lhs, rhs, group_sizes, max_group):
+    return _tiled_grouped_matmul(lhs, rhs, group_sizes, max_group), (lhs, rhs, group_sizes)
 
 
-def _tiled_bwd(res, g):
+def _tiled_bwd(max_group, res, g):
     """d lhs: the same tiles against each weight transposed; d rhs: per expert, its tiles' x^T g."""
     lhs, rhs, group_sizes = res
     e = rhs.shape[0]
-    d_lhs = tiled_grouped_matmul(g, lambda j: rhs[j].T, e, group_sizes)
+    d_lhs = tiled_grouped_matmul(g, lambda j: rhs[j].T, e, group_sizes, max_group)
     d_rhs = _tiled_weight_grad(lhs, g, e, group_sizes)
     return d_lhs.astype(lhs.dtype), d_rhs.astype(rhs.dtype), None
 
@@ -314,7 +327,8 @@ def _head_and_tail(group_sizes: jax.Array, a: int, head: int):
     return head_src, tail_sizes, tail_src, places
 
 
-def _headed(lhs: jax.Array, rhs: jax.Array | Unstacked, split: tuple, head: int, transposed: bool) -> jax.Array:
+def _headed(lhs: jax.Array, rhs: jax.Array | Unstacked, split: tuple, head: int, transposed: bool,
+            max_group: int | None = None) -> jax.Array:
     """lhs [A, D] grouped by expert x rhs [E, D, N] -> [A, N]; with `transposed`, lhs [A, N] x each rhs[e]^T -> [A, D].
     The head is [E, C]: C = `head` rows per expert; `split` is `_head_and_tail` of the group sizes. An `Unstacked`
     rhs (not transposed): the head as E products, one per kernel."""
@@ -330,13 +344,14 @@ def _headed(lhs: jax.Array, rhs: jax.Array | Unstacked, split: tuple, head: int,
         y_head = jnp.einsum("ECN,EDN->ECD" if transposed else "ECD,EDN->ECN", x[head_src], rhs,
                             preferred_element_type=jnp.float32)
         weight = (lambda j: rhs[j].T) if transposed else (lambda j: rhs[j])
-    y_tail = tiled_grouped_matmul(x[tail_src], weight, e, tail_sizes)
+    y_tail = tiled_grouped_matmul(x[tail_src], weight, e, tail_sizes, None if max_group is None else max_group - head)
     y = jnp.where(in_head[:, None], y_head.reshape(e * head, -1)[at_head], y_tail[at_tail])
     return jnp.where(in_group[:, None], y, 0.0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _headed_grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, head: int) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _headed_grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, head: int,
+                           max_group: int | None = None) -> jax.Array:
     """`grouped_matmul` on CPU with each expert's first `head` rows multiplied as one batched [E, head] product and
     the rest (the tail) in tiles.
 
@@ -345,18 +360,18 @@ def _headed_grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Arra
     s in those copies (Intel Xeon, AVX-512). With A/E rows of head, what the head pads (experts with fewer rows)
     is about what the tail holds, so the FLOPs stay near the routed rows'. Gradients the same way (d rhs: the head's
     x^T g batched, plus the tail's tiles)."""
-    return _headed(lhs, rhs, _head_and_tail(group_sizes, lhs.shape[0], head), head, False)
+    return _headed(lhs, rhs, _head_and_tail(group_sizes, lhs.shape[0], head), head, False, max_group)
 
 
-def _headed_fwd(lhs, rhs, group_sizes, head):
-    return _headed_grouped_matmul(lhs, rhs, group_sizes, head), (lhs, rhs, group_sizes)
+def _headed_fwd(lhs, rhs, group_sizes, head, max_group):
+    return _headed_grouped_matmul(lhs, rhs, group_sizes, head, max_group), (lhs, rhs, group_sizes)
 
 
-def _headed_bwd(head, res, g):
+def _headed_bwd(head, max_group, res, g):
     lhs, rhs, group_sizes = res
     split = _head_and_tail(group_sizes, lhs.shape[0], head)
     head_src, tail_sizes, tail_src, _ = split
-    d_lhs = _headed(g, rhs, split, head, True)
+    d_lhs = _headed(g, rhs, split, head, True, max_group)
     x, gp = (jnp.pad(v, ((0, 1), (0, 0))) for v in (lhs, g))
     d_rhs = jnp.einsum("ECD,ECN->EDN", x[head_src], gp[head_src], preferred_element_type=jnp.float32)
     d_rhs = d_rhs + _tiled_weight_grad(x[tail_src], gp[tail_src], rhs.shape[0], tail_sizes)
@@ -368,30 +383,31 @@ _headed_grouped_matmul.defvjp(_headed_fwd, _headed_bwd)
 
 def expert_mlp(rows: jax.Array, expert_ids: jax.Array, group_sizes: jax.Array | rowkernel.RowExperts, w1: jax.Array,
                b1: jax.Array, w2: jax.Array, b2: jax.Array, cfg: ModelConfig, dtype: jnp.dtype,
-               tensor_axis: str | None = None, head: int = 0) -> jax.Array:
-    """rows [A, D] grouped by expert (sizes [E]; or in any order, `RowExperts`, where `packed.row_form`) with their
-    ids [A]; w1 [E, D, 2F], b1 [E, 2F], w2 [E, F, D], b2 [E, D] -> [A, D].
+               tensor_axis: str | None = None, head: int = 0, max_group: int | None = None) -> jax.Array:
+    """rows [A, D] grouped by expert (sizes [E], none over `max_group`; or in any order, `RowExperts`, where
+    `packed.row_form`) with their ids [A]; w1 [E, D, 2F], b1 [E, 2F], w2 [E, F, D], b2 [E, D] -> [A, D].
 
     The one place expert weights are multiplied (dense, or packed MXFP4 decoded on the fly): biases are per expert
     and added before routing weights. Padding rows (past sum(group_sizes), or not valid) come out as b2 of their
     (clamped) id. With `tensor_axis`, F is split over that mesh axis and the partial mlp2 products are summed across
     it.
     """
-    h = _expert_matmul(rows, w1, group_sizes, dtype, tensor_axis, head)
+    h = _expert_matmul(rows, w1, group_sizes, dtype, tensor_axis, head, max_group)
     h = swiglu(h + b1[expert_ids], cfg.swiglu_limit, cfg.swiglu_alpha)
-    y = _expert_matmul(h, w2, group_sizes, dtype, tensor_axis, head)
+    y = _expert_matmul(h, w2, group_sizes, dtype, tensor_axis, head, max_group)
     if tensor_axis is not None:
         y = jax.lax.psum(y, tensor_axis)
     return y + b2[expert_ids]
 
 
 def _expert_matmul(x: jax.Array, w: jax.Array | Unstacked | packed.MXFP4, group_sizes: jax.Array | rowkernel.RowExperts,
-                   dtype: jnp.dtype, tensor_axis: str | None, head: int = 0) -> jax.Array:
+                   dtype: jnp.dtype, tensor_axis: str | None, head: int = 0, max_group: int | None = None
+                   ) -> jax.Array:
     """x [A, in] (grouped by expert, or `RowExperts`) x w [E, in, out], dense or packed MXFP4 -> [A, out] float32;
-    `head`: see `grouped_matmul` (dense weights only)."""
+    `head`, `max_group`: see `grouped_matmul` (dense weights only)."""
     if isinstance(w, packed.MXFP4):
         return packed.grouped_matmul(x, w, group_sizes, dtype, tensor_axis)
-    return grouped_matmul(x.astype(dtype), w.astype(dtype), group_sizes, head)
+    return grouped_matmul(x.astype(dtype), w.astype(dtype), group_sizes, head, max_group)
 
 
 class MoE(nnx.Module):
@@ -459,9 +475,9 @@ def moe_local(x: jax.Array, router_w: jax.Array, router_b: jax.Array, w1: jax.Ar
         return combine(y, weights)
     with jax.named_scope("permute"):
         rows, expert_ids, group_sizes, order = permute(x, ids, w1.shape[0])
-    with jax.named_scope("experts"):
+    with jax.named_scope("experts"):  # a token's k experts differ: no expert has more rows than there are tokens
         y = expert_mlp(rows, expert_ids, group_sizes, w1, b1, w2, b2, cfg, dtype, tensor_axis,
-                       head=head_rows(rows.shape[0], w1.shape[0]))
+                       head=head_rows(rows.shape[0], w1.shape[0]), max_group=x.shape[0])
     with jax.named_scope("unpermute"):
         return unpermute(y, order, weights)
 
@@ -510,8 +526,9 @@ def _ep_shard(x_, router_w, router_b, w1_, b1_, w2_, b2_, *, cfg, dtype, tensor_
         else:
             local_order = jnp.argsort(recv_ids, stable=True)  # padding (id e_local) sorts last, outside every group
             sizes = jnp.bincount(recv_ids, length=e_local).astype(jnp.int32)
+            # each of the p devices' tokens sends a local expert at most one row
             y = expert_mlp(recv[local_order], jnp.minimum(recv_ids[local_order], e_local - 1), sizes, w1_, b1_, w2_,
-                           b2_, cfg, dtype, tensor_axis)
+                           b2_, cfg, dtype, tensor_axis, max_group=p * x_.shape[0])
             y = jnp.zeros_like(y).at[local_order].set(y)
         y = y.reshape(p, capacity, -1)
     with jax.named_scope("combine"):

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jaxprs import equations
 
 from oss_jax import moe, packed, rowkernel, tiles
 
@@ -100,6 +101,57 @@ def assert_matches_float64(got, want, sizes):
         np.testing.assert_allclose(x, w, rtol=1e-5, atol=1e-5 * (1 + np.abs(w).max(initial=0.0)))
     assert not got[0][sum(sizes):].any() and not got[1][sum(sizes):].any()  # rows past the groups: exactly 0
     assert not got[2][np.asarray(sizes) == 0].any()  # experts without rows: no gradient
+
+
+@pytest.mark.parametrize("tile", [1, 4, 8, 64])
+def test_tile_sizes_for_groups_of_at_most_some_rows(tile):
+    """With `max_group`, the tile sizes are exactly those groups of 1..max_group rows need: a full tile where a group
+    reaches one, and what each remainder rounds up to among all the sizes."""
+    every = moe.tile_sizes(tile)
+    for most in range(1, 3 * tile + 2):
+        needed = set()
+        for rows in range(1, most + 1):
+            if rows >= tile:
+                needed.add(tile)
+            if rows % tile:
+                needed.add(next(s for s in every if s >= rows % tile))
+        assert moe.tile_sizes(tile, most) == tuple(sorted(needed)), (tile, most)
+
+
+BOUNDED = ["padding-rows", "most-tiles"]  # groups of at most 4 and 17 rows over tiles of 64
+
+
+@pytest.mark.parametrize("case", BOUNDED)
+def test_groups_of_at_most_max_group_rows_loop_over_fewer_tile_sizes(case):
+    """`max_group` = the largest group (a token's k rows go to k experts: no group holds more rows than tokens):
+    forward and gradients still match float64, in tiles and with a head, from fewer loops (one per tile size)."""
+    sizes, a = CASES[case]
+    lhs, rhs, gs, g = inputs(sizes, a)
+    most, tile = max(sizes), moe.row_tile(a, len(sizes))
+    want = reference(lhs, rhs, sizes, g)
+    forms = {"tiles": functools.partial(_bounded_tiles, most)}
+    if a > len(sizes):
+        forms["head 16"] = functools.partial(_bounded_headed, most)
+    for name, fn in forms.items():
+        got = value_and_grads(fn, lhs, rhs, gs, g)
+        loops = [sum(e.primitive.name == "while" for e in equations(jax.make_jaxpr(lambda x, w, f=f: f(x, w, gs))(
+            lhs, rhs))) for f in (fn, functools.partial(fn.func, None))]
+        errs = [float(np.abs(x - w).max(initial=0.0)) for x, w in zip(got, want, strict=True)]
+        bound = most if name == "tiles" else most - 16  # the tail's
+        print(f"{case} {name} (A {a}, largest group {most}, tile sizes {moe.tile_sizes(tile, bound)}): {loops[0]} "
+              f"loops in the forward, {loops[1]} unbounded; max |err| vs float64 y/d_lhs/d_rhs "
+              + " ".join(f"{e:.1e}" for e in errs))
+        assert_matches_float64(got, want, sizes)
+        dropped = len(moe.tile_sizes(tile)) - len(moe.tile_sizes(tile, most))
+        assert loops[1] - loops[0] == dropped if name == "tiles" else loops[0] < loops[1]
+
+
+def _bounded_tiles(most, lhs, rhs, sizes):
+    return moe.grouped_matmul(lhs, rhs, sizes, max_group=most)
+
+
+def _bounded_headed(most, lhs, rhs, sizes):
+    return moe.grouped_matmul(lhs, rhs, sizes, head=16, max_group=most)
 
 
 HEADED = [(c, 16) for c, (sizes, a) in CASES.items() if a > len(sizes) and c != "most-tiles"] + [("remainders", 8)]
