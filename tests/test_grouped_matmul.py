@@ -143,7 +143,7 @@ def test_groups_of_at_most_max_group_rows_loop_over_fewer_tile_sizes(case):
               + " ".join(f"{e:.1e}" for e in errs))
         assert_matches_float64(got, want, sizes)
         dropped = len(moe.tile_sizes(tile)) - len(moe.tile_sizes(tile, most))
-        assert loops[1] - loops[0] == dropped if name == "tiles" else loops[0] < loops[1]
+        assert (loops[1] - loops[0] == dropped) if name == "tiles" else (loops[0] < loops[1])
 
 
 def _bounded_tiles(most, lhs, rhs, sizes):
