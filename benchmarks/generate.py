@@ -74,6 +74,7 @@ from configs import preset_path  # noqa: E402
 from oss_jax.config import FULL, SLIDING, ModelConfig  # noqa: E402
 
 GiB = 2**30
+BELOW_MINIMUM = 0.98  # a cost-analysis count under this fraction of the minimum is an accounting error, not a success
 
 
 # ------------------------------------------------------------------ shared helpers
@@ -294,10 +295,11 @@ def worker_ours(args) -> dict:
 
     def grouped_matmul_cost(rows: int) -> dict:
         """XLA's cost analysis of one layer's two expert grouped matmuls, compiled alone for `rows` assignments in the
-        steps' form (stacked kernels, or views of each expert): what it counts for them inside a step (each loop
-        body once)."""
+        steps' form (stacked kernels, or views of each expert; the head and the bound on rows per expert that
+        `moe.moe_local` passes, so the same loops): what it counts for them inside a step (each loop body once)."""
         d, f, e = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts
-        gmm = functools.partial(moe.grouped_matmul, head=moe.head_rows(rows, e))
+        gmm = functools.partial(moe.grouped_matmul, head=moe.head_rows(rows, e),
+                                max_group=rows // cfg.experts_per_token)
 
         def kernels(k: int, n: int):
             if views:
@@ -602,8 +604,10 @@ def report(cfg: ModelConfig, args, bw: dict, ours: dict, hf: dict[str, dict]) ->
         if "FLOPs" in name or name.startswith("decode b1 bytes"):
             targets.append((f"{name} (CA+loops)/min <= 1.15", vl / vmin, 1.15, "<="))
     for name, value, goal, op in targets:
-        ok = value >= goal if op == ">=" else value <= goal
-        print(f"{'MET   ' if ok else 'MISSED'} {name}: {value:.2f}")
+        # a count under the minimum is no success: "CA + loops" then took out more than the step holds
+        ok = value >= goal if op == ">=" else BELOW_MINIMUM <= value <= goal
+        print(f"{'MET   ' if ok else 'MISSED'} {name}: {value:.2f}"
+              + (" (under the minimum: the accounting is off)" if op == "<=" and value < BELOW_MINIMUM else ""))
     summary["targets"] = {name: round(value, 3) for name, value, _, _ in targets}
     summary["bandwidth"] = {kk: round(v, 2) for kk, v in bw.items() if kk.endswith("GBps")}
     summary["peak_rss_GiB"] = {c: round(r["peak_rss"] / GiB, 2) for c, r in cols.items()}
